@@ -1,0 +1,62 @@
+#include "hostio.h"
+
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <cerrno>
+
+#include "cuda_rt.h"
+
+namespace warmstart {
+
+int64_t pread_full(int fd, uint64_t offset, void* dst, uint64_t length) {
+  auto* out = static_cast<char*>(dst);
+  uint64_t done = 0;
+  while (done < length) {
+    ssize_t n = ::pread(fd, out + done, length - done, static_cast<off_t>(offset + done));
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return -static_cast<int64_t>(errno);
+    }
+    if (n == 0) break;  // end of file
+    done += static_cast<uint64_t>(n);
+  }
+  return static_cast<int64_t>(done);
+}
+
+static void prefault(void* ptr, uint64_t nbytes) {
+  const long page = sysconf(_SC_PAGESIZE);
+  auto* p = static_cast<volatile char*>(ptr);
+  for (uint64_t off = 0; off < nbytes; off += static_cast<uint64_t>(page)) p[off] = 0;
+}
+
+void* host_alloc(uint64_t nbytes, bool pinned, int* kind_out) {
+  if (nbytes == 0) nbytes = 1;
+  if (pinned && cuda::loaded()) {
+    void* ptr = cuda::host_alloc(nbytes);
+    if (ptr != nullptr) {
+      *kind_out = kHostCudaPinned;
+      return ptr;
+    }
+    return nullptr;
+  }
+  void* ptr = mmap(nullptr, nbytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (ptr == MAP_FAILED) return nullptr;
+#ifdef MADV_HUGEPAGE
+  madvise(ptr, nbytes, MADV_HUGEPAGE);  // advisory: fewer page faults on first touch
+#endif
+  prefault(ptr, nbytes);
+  *kind_out = kHostMmap;
+  return ptr;
+}
+
+void host_free(void* ptr, uint64_t nbytes, int kind) {
+  if (ptr == nullptr) return;
+  if (kind == kHostCudaPinned) {
+    cuda::host_free(ptr);
+  } else {
+    munmap(ptr, nbytes == 0 ? 1 : nbytes);
+  }
+}
+
+}  // namespace warmstart

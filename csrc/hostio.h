@@ -1,0 +1,21 @@
+// Host-side I/O and memory: positional reads into caller buffers, reusable host blocks.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+namespace warmstart {
+
+// Reads exactly `length` bytes at `offset` unless the file ends first. Returns the number of
+// bytes read (short only at end of file) or -errno. Retries EINTR and partial reads.
+int64_t pread_full(int fd, uint64_t offset, void* dst, uint64_t length);
+
+// Host memory block kinds, passed back to host_free.
+enum HostKind : int { kHostMmap = 1, kHostCudaPinned = 2 };
+
+// Allocates `nbytes` of page-aligned host memory, pre-faulted so later writes run at memory
+// speed. Pinned through the CUDA runtime when `pinned` and CUDA is loaded, else an anonymous
+// mapping with transparent huge pages requested. Returns nullptr on failure (errno set).
+void* host_alloc(uint64_t nbytes, bool pinned, int* kind_out);
+void host_free(void* ptr, uint64_t nbytes, int kind);
+
+}  // namespace warmstart

@@ -1,0 +1,173 @@
+// Python binding of the native core: marshalling only. Policy (what to read, retries,
+// errors) lives in Python; every call that can block releases the GIL.
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <cstring>
+
+#include "cuda_rt.h"
+#include "hostio.h"
+
+namespace {
+
+using namespace warmstart;
+
+void* as_ptr(unsigned long long addr) { return reinterpret_cast<void*>(addr); }
+
+PyObject* py_pread_into(PyObject*, PyObject* args) {
+  int fd;
+  unsigned long long offset, addr, length;
+  if (!PyArg_ParseTuple(args, "iKKK", &fd, &offset, &addr, &length)) return nullptr;
+  int64_t n;
+  Py_BEGIN_ALLOW_THREADS n = pread_full(fd, offset, as_ptr(addr), length);
+  Py_END_ALLOW_THREADS return PyLong_FromLongLong(n);
+}
+
+PyObject* py_memcpy(PyObject*, PyObject* args) {
+  unsigned long long dst, src, n;
+  if (!PyArg_ParseTuple(args, "KKK", &dst, &src, &n)) return nullptr;
+  Py_BEGIN_ALLOW_THREADS std::memcpy(as_ptr(dst), as_ptr(src), n);
+  Py_END_ALLOW_THREADS Py_RETURN_NONE;
+}
+
+PyObject* py_host_alloc(PyObject*, PyObject* args) {
+  unsigned long long nbytes;
+  int pinned;
+  if (!PyArg_ParseTuple(args, "Kp", &nbytes, &pinned)) return nullptr;
+  void* ptr;
+  int kind = 0;
+  Py_BEGIN_ALLOW_THREADS ptr = host_alloc(nbytes, pinned != 0, &kind);
+  Py_END_ALLOW_THREADS if (ptr == nullptr) return Py_BuildValue("(Ki)", 0ULL, 0);
+  return Py_BuildValue("(Ki)", reinterpret_cast<unsigned long long>(ptr), kind);
+}
+
+PyObject* py_host_free(PyObject*, PyObject* args) {
+  unsigned long long addr, nbytes;
+  int kind;
+  if (!PyArg_ParseTuple(args, "KKi", &addr, &nbytes, &kind)) return nullptr;
+  Py_BEGIN_ALLOW_THREADS host_free(as_ptr(addr), nbytes, kind);
+  Py_END_ALLOW_THREADS Py_RETURN_NONE;
+}
+
+PyObject* py_cuda_load(PyObject*, PyObject* args) {
+  const char* path = "";
+  if (!PyArg_ParseTuple(args, "|s", &path)) return nullptr;
+  int count;
+  std::string p(path);
+  Py_BEGIN_ALLOW_THREADS count = cuda::load(p);
+  Py_END_ALLOW_THREADS return PyLong_FromLong(count);
+}
+
+PyObject* py_cuda_why(PyObject*, PyObject*) { return PyUnicode_FromString(cuda::why().c_str()); }
+
+PyObject* py_cuda_error_string(PyObject*, PyObject* args) {
+  int code;
+  if (!PyArg_ParseTuple(args, "i", &code)) return nullptr;
+  return PyUnicode_FromString(cuda::error_string(code));
+}
+
+PyObject* py_cuda_host_register(PyObject*, PyObject* args) {
+  unsigned long long addr, nbytes;
+  if (!PyArg_ParseTuple(args, "KK", &addr, &nbytes)) return nullptr;
+  int err;
+  Py_BEGIN_ALLOW_THREADS err = cuda::host_register(as_ptr(addr), nbytes);
+  Py_END_ALLOW_THREADS return PyLong_FromLong(err);
+}
+
+PyObject* py_cuda_host_unregister(PyObject*, PyObject* args) {
+  unsigned long long addr;
+  if (!PyArg_ParseTuple(args, "K", &addr)) return nullptr;
+  int err;
+  Py_BEGIN_ALLOW_THREADS err = cuda::host_unregister(as_ptr(addr));
+  Py_END_ALLOW_THREADS return PyLong_FromLong(err);
+}
+
+PyObject* py_cuda_stream_create(PyObject*, PyObject* args) {
+  int device;
+  if (!PyArg_ParseTuple(args, "i", &device)) return nullptr;
+  uintptr_t s = 0;
+  int err = cuda::stream_create(device, &s);
+  return Py_BuildValue("(iK)", err, static_cast<unsigned long long>(s));
+}
+
+PyObject* py_cuda_stream_destroy(PyObject*, PyObject* args) {
+  unsigned long long s;
+  if (!PyArg_ParseTuple(args, "K", &s)) return nullptr;
+  return PyLong_FromLong(cuda::stream_destroy(s));
+}
+
+PyObject* py_cuda_memcpy_h2d_async(PyObject*, PyObject* args) {
+  int device;
+  unsigned long long dst, src, n, stream;
+  if (!PyArg_ParseTuple(args, "iKKKK", &device, &dst, &src, &n, &stream)) return nullptr;
+  int err;
+  Py_BEGIN_ALLOW_THREADS err = cuda::memcpy_h2d_async(device, as_ptr(dst), as_ptr(src), n, stream);
+  Py_END_ALLOW_THREADS return PyLong_FromLong(err);
+}
+
+PyObject* py_cuda_event_create(PyObject*, PyObject* args) {
+  int device;
+  if (!PyArg_ParseTuple(args, "i", &device)) return nullptr;
+  uintptr_t ev = 0;
+  int err = cuda::event_create(device, &ev);
+  return Py_BuildValue("(iK)", err, static_cast<unsigned long long>(ev));
+}
+
+PyObject* py_cuda_event_record(PyObject*, PyObject* args) {
+  int device;
+  unsigned long long ev, stream;
+  if (!PyArg_ParseTuple(args, "iKK", &device, &ev, &stream)) return nullptr;
+  return PyLong_FromLong(cuda::event_record(device, ev, stream));
+}
+
+PyObject* py_cuda_event_query(PyObject*, PyObject* args) {
+  unsigned long long ev;
+  if (!PyArg_ParseTuple(args, "K", &ev)) return nullptr;
+  return PyLong_FromLong(cuda::event_query(ev));
+}
+
+PyObject* py_cuda_event_synchronize(PyObject*, PyObject* args) {
+  unsigned long long ev;
+  if (!PyArg_ParseTuple(args, "K", &ev)) return nullptr;
+  int err;
+  Py_BEGIN_ALLOW_THREADS err = cuda::event_synchronize(ev);
+  Py_END_ALLOW_THREADS return PyLong_FromLong(err);
+}
+
+PyObject* py_cuda_event_destroy(PyObject*, PyObject* args) {
+  unsigned long long ev;
+  if (!PyArg_ParseTuple(args, "K", &ev)) return nullptr;
+  return PyLong_FromLong(cuda::event_destroy(ev));
+}
+
+PyMethodDef methods[] = {
+    {"pread_into", py_pread_into, METH_VARARGS,
+     "pread_into(fd, offset, addr, length) -> bytes read (short at EOF) or -errno"},
+    {"memcpy", py_memcpy, METH_VARARGS, "memcpy(dst_addr, src_addr, n)"},
+    {"host_alloc", py_host_alloc, METH_VARARGS,
+     "host_alloc(nbytes, pinned) -> (addr, kind); addr 0 on failure"},
+    {"host_free", py_host_free, METH_VARARGS, "host_free(addr, nbytes, kind)"},
+    {"cuda_load", py_cuda_load, METH_VARARGS, "cuda_load(extra_path='') -> device count or -1"},
+    {"cuda_why", py_cuda_why, METH_NOARGS, "why the CUDA runtime is not usable ('' if it is)"},
+    {"cuda_error_string", py_cuda_error_string, METH_VARARGS, "name of a cudaError_t"},
+    {"cuda_host_register", py_cuda_host_register, METH_VARARGS, "-> cudaError_t"},
+    {"cuda_host_unregister", py_cuda_host_unregister, METH_VARARGS, "-> cudaError_t"},
+    {"cuda_stream_create", py_cuda_stream_create, METH_VARARGS, "-> (err, stream)"},
+    {"cuda_stream_destroy", py_cuda_stream_destroy, METH_VARARGS, "-> cudaError_t"},
+    {"cuda_memcpy_h2d_async", py_cuda_memcpy_h2d_async, METH_VARARGS,
+     "cuda_memcpy_h2d_async(device, dst, src, n, stream) -> cudaError_t"},
+    {"cuda_event_create", py_cuda_event_create, METH_VARARGS, "-> (err, event)"},
+    {"cuda_event_record", py_cuda_event_record, METH_VARARGS, "-> cudaError_t"},
+    {"cuda_event_query", py_cuda_event_query, METH_VARARGS, "-> 0 done, 600 pending, else err"},
+    {"cuda_event_synchronize", py_cuda_event_synchronize, METH_VARARGS, "-> cudaError_t"},
+    {"cuda_event_destroy", py_cuda_event_destroy, METH_VARARGS, "-> cudaError_t"},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+PyModuleDef module = {PyModuleDef_HEAD_INIT, "warmstart._native",
+                      "warmstart native core: positional reads, host memory, CUDA copies.", -1,
+                      methods};
+
+}  // namespace
+
+PyMODINIT_FUNC PyInit__native(void) { return PyModule_Create(&module); }

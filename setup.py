@@ -1,0 +1,53 @@
+"""Build and install warmstart.
+
+The repository keeps each part in its own top-level folder (loader/, imageformat/,
+vllm_plugin/, benchmarks/); `package_dir` maps them under the one `warmstart` package, so
+nothing installs a bare top-level `loader` module. The native extension is plain C++ (no
+CUDA toolkit, no torch headers): CUDA is reached at run time through dlopen.
+"""
+
+from glob import glob
+
+from setuptools import Extension, setup
+
+PARTS = {
+    "warmstart": "warmstart",
+    "warmstart.loader": "loader",
+    "warmstart.loader.sources": "loader/sources",
+    "warmstart.imageformat": "imageformat",
+    "warmstart.vllm_plugin": "vllm_plugin",
+    "warmstart.benchmarks": "benchmarks",
+    "warmstart.testing": "warmstart/testing",
+}
+
+native = Extension(
+    "warmstart._native",
+    sources=sorted(glob("csrc/*.cpp")),
+    include_dirs=["csrc"],
+    extra_compile_args=["-O3", "-std=c++17", "-fvisibility=hidden", "-Wall"],
+    libraries=["dl", "pthread"],
+)
+
+setup(
+    name="warmstart",
+    version="0.1.0",
+    description="Stream safetensors weights and container images into serving replicas fast",
+    python_requires=">=3.10",
+    package_dir=PARTS,
+    packages=list(PARTS),
+    package_data={"warmstart": ["_native.pyi", "py.typed"]},
+    ext_modules=[native],
+    install_requires=[
+        "torch>=2.3",
+        "numpy",
+        "aiobotocore>=2.12",
+        "tqdm",
+    ],
+    extras_require={
+        "test": ["pytest", "hypothesis", "safetensors", "localbucket", "nanio", "moto[server]"],
+        "bench": ["matplotlib", "safetensors", "localbucket", "pytest-benchmark"],
+    },
+    entry_points={
+        "console_scripts": ["warmstart = warmstart.cli:main"],
+    },
+)
