@@ -1,0 +1,162 @@
+"""Public loader API: `load`/`stream` (sync) and `aload`/`astream` (async)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AsyncExitStack
+from typing import AsyncIterator, Callable, Iterable, Iterator
+
+import torch
+
+from warmstart.errors import ConfigError, CudaUnavailable
+from warmstart.loader import sync
+from warmstart.loader.checkpoint import open_checkpoint
+from warmstart.loader.config import LoaderConfig
+from warmstart.loader.copy import CudaCopyEngine, HostCopyEngine
+from warmstart.loader.header import DTYPES
+from warmstart.loader.memory import HostRing, host_tensor
+from warmstart.loader.pipeline import Destination, execute
+from warmstart.loader.plan import plan_reads
+
+log = logging.getLogger("warmstart.loader")
+Progress = Callable[[int, int], None]
+_DONE = object()
+STREAM_GROUPS_AHEAD = 2  # stream(): groups allocated beyond the one being consumed
+
+
+def _device(device: str | torch.device) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(f"invalid device {device!r}: {exc}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CudaUnavailable(f"device {device!r} requested but this torch build or "
+                                  f"machine has no usable CUDA")
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+    elif dev.type != "cpu":
+        raise ConfigError(f"device must be 'cpu' or 'cuda[:N]', got {device!r}")
+    return dev
+
+
+async def astream(uri: str, device: str | torch.device = "cpu", *,
+                  names: Iterable[str] | None = None, dtype: torch.dtype | None = None,
+                  config: LoaderConfig | None = None,
+                  progress: Progress | None = None,
+                  _groups_ahead: int | None = STREAM_GROUPS_AHEAD,
+                  ) -> AsyncIterator[tuple[str, torch.Tensor]]:
+    """Yields `(name, tensor)` as soon as each tensor's bytes have fully landed on `device`.
+
+    `names` restricts the load to those tensors; `dtype` casts floating-point tensors.
+    """
+    cfg = config if config is not None else LoaderConfig.from_env()
+    dev = _device(device)
+    started = time.perf_counter()
+    async with AsyncExitStack() as stack:
+        checkpoint_executor = ThreadPoolExecutor(32, thread_name_prefix="warmstart-io")
+        stack.push_async_callback(asyncio.to_thread, checkpoint_executor.shutdown, True)
+        # Registered after the executor's shutdown, so it runs first: sources close only
+        # once no worker thread can still be reading from them.
+        inner = await stack.enter_async_context(AsyncExitStack())
+        ckpt = await open_checkpoint(uri, cfg, checkpoint_executor, inner)
+        plan = plan_reads([f.header for f in ckpt.files], names, chunk_size=cfg.chunk_size,
+                          group_size=cfg.group_size, gap_size=cfg.gap_size)
+        backend = ckpt.files[0].source.backend if ckpt.files else "local"
+        concurrency = cfg.read_concurrency(backend)
+        ring = engine = None
+        if dev.type == "cuda" or cfg.direct_io or cfg.staged:
+            engine = (CudaCopyEngine(dev.index) if dev.type == "cuda" else HostCopyEngine())
+            stack.callback(engine.close)
+            slots = max(2, min(cfg.ring_slots, len(plan.chunks)))
+            ring = HostRing(slots, cfg.slot_bytes, pinned=dev.type == "cuda")
+            stack.callback(ring.free)  # after the engine closed and the readers stopped
+        if dev.type == "cuda":
+            alloc = (lambda n: torch.empty(n, dtype=torch.uint8, device=dev))
+        else:
+            alloc = host_tensor
+        dest = Destination(plan, alloc)
+        ready: asyncio.Queue = asyncio.Queue()
+        window = asyncio.Semaphore(_groups_ahead) if _groups_ahead else None
+        total = plan.read_bytes
+        done_bytes = 0
+
+        def on_progress(n: int) -> None:
+            nonlocal done_bytes
+            done_bytes += n
+            if progress is not None:
+                progress(done_bytes, total)
+
+        async def drive() -> None:
+            try:
+                await execute(plan, [f.source for f in ckpt.files], dest,
+                              concurrency=concurrency, ring=ring, engine=engine,
+                              on_tensor=ready.put_nowait, on_progress=on_progress,
+                              before_group=window.acquire if window else None)
+            except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+                ready.put_nowait(exc)
+            else:
+                ready.put_nowait(_DONE)
+
+        runner = asyncio.get_running_loop().create_task(drive())
+        left_in_group = {g.index: len(g.tensors) for g in plan.groups}
+        try:
+            while True:
+                item = await ready.get()
+                if item is _DONE:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                t = plan.tensors[item]
+                buf = dest.buffer(t.group)
+                tensor = buf[t.offset:t.offset + t.nbytes].view(
+                    getattr(torch, DTYPES[t.dtype][0])).reshape(t.shape)
+                if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
+                    tensor = tensor.to(dtype)
+                left_in_group[t.group] -= 1
+                if left_in_group[t.group] == 0:
+                    dest.release(t.group)  # the views keep the memory alive
+                yield t.name, tensor
+                if left_in_group[t.group] == 0 and window is not None:
+                    window.release()
+        finally:
+            if not runner.done():
+                runner.cancel()
+            await asyncio.gather(runner, return_exceptions=True)
+        seconds = time.perf_counter() - started
+        log.info("warmstart: %d tensors, %.2f GB from %s to %s in %.2fs (%.2f GB/s)",
+                 len(plan.tensors), total / 1e9, uri, dev, seconds,
+                 total / 1e9 / max(seconds, 1e-9))
+
+
+async def aload(uri: str, device: str | torch.device = "cpu", *,
+                names: Iterable[str] | None = None, dtype: torch.dtype | None = None,
+                config: LoaderConfig | None = None,
+                progress: Progress | None = None) -> dict[str, torch.Tensor]:
+    """Loads every (or each named) tensor; returns only once all of them have landed."""
+    out: dict[str, torch.Tensor] = {}
+    async for name, tensor in astream(uri, device, names=names, dtype=dtype, config=config,
+                                      progress=progress, _groups_ahead=None):
+        out[name] = tensor
+    return out
+
+
+def load(uri: str, device: str | torch.device = "cpu", *,
+         names: Iterable[str] | None = None, dtype: torch.dtype | None = None,
+         config: LoaderConfig | None = None,
+         progress: Progress | None = None) -> dict[str, torch.Tensor]:
+    """Sync `aload`, run on warmstart's own I/O thread (safe inside a running event loop)."""
+    return sync.run(aload(uri, device, names=names, dtype=dtype, config=config,
+                          progress=progress))
+
+
+def stream(uri: str, device: str | torch.device = "cpu", *,
+           names: Iterable[str] | None = None, dtype: torch.dtype | None = None,
+           config: LoaderConfig | None = None,
+           progress: Progress | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Sync `astream`: yields `(name, tensor)` as each tensor lands."""
+    return sync.iterate(astream(uri, device, names=names, dtype=dtype, config=config,
+                                progress=progress))

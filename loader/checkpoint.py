@@ -1,0 +1,178 @@
+"""Resolve a URI into a checkpoint: its files (as sources) and their validated headers.
+
+Accepted forms, local or s3://: a `.safetensors` file; a folder / prefix (its index when it
+has one, else every `*.safetensors` directly in it); a `*.safetensors.index.json` file.
+Headers of all files are fetched in parallel; index and headers must agree exactly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import posixpath
+from concurrent.futures import Executor
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+
+from warmstart.errors import DuplicateTensor, NotFound, ShardIndexError
+from warmstart.loader.config import LoaderConfig
+from warmstart.loader.header import PREFIX_BYTES, Header, header_length, parse_header
+from warmstart.loader.index import INDEX_SUFFIX, ShardIndex, parse_index
+from warmstart.loader.sources.base import Source
+from warmstart.loader.sources.local import LocalFileSource
+from warmstart.loader.sources.retry import RetryingSource, RetryPolicy
+from warmstart.loader.sources.s3 import S3Client, S3Object, S3Uri
+
+FIRST_READ = 1 << 20  # one request usually covers the whole header
+DEFAULT_INDEX = "model" + INDEX_SUFFIX
+
+
+@dataclass(frozen=True)
+class CheckpointFile:
+    source: Source
+    header: Header
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    uri: str
+    files: tuple[CheckpointFile, ...]
+    index: ShardIndex | None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(f.header.file_size - f.header.data_start for f in self.files)
+
+
+async def read_header(source: Source) -> Header:
+    size = await source.size()
+    first = await source.read(0, min(size, FIRST_READ))
+    length = header_length(first, size, source.name)
+    if PREFIX_BYTES + length > len(first):
+        first += await source.read(len(first), PREFIX_BYTES + length - len(first))
+    return parse_header(first, size, source.name)
+
+
+def _pick_index(names: list[str], where: str) -> str | None:
+    indexes = [n for n in names if n.endswith(INDEX_SUFFIX)]
+    if DEFAULT_INDEX in indexes:
+        return DEFAULT_INDEX
+    if len(indexes) > 1:
+        raise ShardIndexError(f"{where}: several shard indexes ({', '.join(sorted(indexes))});"
+                              f" name the one to load")
+    return indexes[0] if indexes else None
+
+
+class _Resolver:
+    def __init__(self, config: LoaderConfig, executor: Executor, stack: AsyncExitStack):
+        self.config = config
+        self.executor = executor
+        self.stack = stack
+        self.policy = RetryPolicy(config.max_attempts, config.retry_base_delay,
+                                  config.retry_max_delay)
+        self._s3: S3Client | None = None
+
+    def _wrap(self, source: Source) -> Source:
+        self.stack.push_async_callback(source.close)
+        return RetryingSource(source, self.policy)
+
+    def local(self, path: str) -> Source:
+        return self._wrap(LocalFileSource(path, self.executor, direct=self.config.direct_io))
+
+    async def s3(self, uri: S3Uri, size: int | None = None) -> Source:
+        if self._s3 is None:
+            self._s3 = await self.stack.enter_async_context(S3Client(self.config,
+                                                                     self.executor))
+        return self._wrap(S3Object(self._s3, uri, size))
+
+    async def resolve(self, uri: str) -> tuple[list[Source], ShardIndex | None]:
+        if uri.startswith("s3://"):
+            return await self._resolve_s3(S3Uri.parse(uri))
+        path = uri[len("file://"):] if uri.startswith("file://") else uri
+        path = os.path.expanduser(path)
+        if os.path.isdir(path):
+            names = sorted(os.listdir(path))
+            index_name = _pick_index(names, path)
+            if index_name:
+                return await self._from_index(self.local(os.path.join(path, index_name)))
+            files = [n for n in names if n.endswith(".safetensors")
+                     and os.path.isfile(os.path.join(path, n))]
+            if not files:
+                raise NotFound(errno.ENOENT, f"{path}: folder has no .safetensors files")
+            return [self.local(os.path.join(path, n)) for n in files], None
+        if path.endswith(".json"):
+            return await self._from_index(self.local(path))
+        return [self.local(path)], None
+
+    async def _resolve_s3(self, uri: S3Uri) -> tuple[list[Source], ShardIndex | None]:
+        if uri.key.endswith(".json"):
+            return await self._from_index(await self.s3(uri))
+        if uri.key.endswith(".safetensors"):
+            return [await self.s3(uri)], None
+        prefix = uri.key.rstrip("/") + "/" if uri.key else ""
+        if self._s3 is None:
+            await self.s3(uri)  # opens the shared client
+        listing = await self._s3.list(uri.bucket, prefix)
+        names = {key[len(prefix):]: size for key, size in listing}
+        index_name = _pick_index(sorted(names), str(uri))
+        if index_name:
+            return await self._from_index(
+                await self.s3(S3Uri(uri.bucket, prefix + index_name), names[index_name]))
+        files = sorted(n for n in names if n.endswith(".safetensors"))
+        if not files:
+            raise NotFound(errno.ENOENT, f"s3://{uri.bucket}/{prefix}: no .safetensors objects "
+                                         f"under this prefix")
+        return [await self.s3(S3Uri(uri.bucket, prefix + n), names[n]) for n in files], None
+
+    async def _from_index(self, index_source: Source) -> tuple[list[Source], ShardIndex]:
+        raw = await index_source.read(0, await index_source.size())
+        index = parse_index(raw, index_source.name)
+        base = posixpath.dirname(index_source.name)
+        sources = []
+        for shard in index.shards:
+            location = posixpath.join(base, shard)
+            try:
+                if location.startswith("s3://"):
+                    source = await self.s3(S3Uri.parse(location))
+                    await source.size()
+                else:
+                    source = self.local(location)
+            except NotFound as exc:
+                raise NotFound(errno.ENOENT, f"{index_source.name}: shard {shard!r} is missing "
+                                             f"({exc})") from exc
+            sources.append(source)
+        return sources, index
+
+
+def _check_names(files: list[CheckpointFile], index: ShardIndex | None) -> None:
+    owner: dict[str, str] = {}
+    for f in files:
+        for t in f.header.tensors:
+            if t.name in owner:
+                raise DuplicateTensor(f"tensor {t.name!r} is in both {owner[t.name]} and "
+                                      f"{f.source.name}")
+            owner[t.name] = f.source.name
+    if index is None:
+        return
+    for name, shard in index.weight_map.items():
+        if name not in owner:
+            raise ShardIndexError(f"{index.source}: lists tensor {name!r} in {shard!r}, but "
+                                  f"that shard has no such tensor")
+        if owner[name] != posixpath.join(posixpath.dirname(index.source), shard):
+            raise ShardIndexError(f"{index.source}: lists tensor {name!r} in {shard!r}, but it "
+                                  f"is in {owner[name]}")
+    extra = sorted(set(owner) - set(index.weight_map))
+    if extra:
+        raise ShardIndexError(f"{index.source}: shards hold tensors the index does not list: "
+                              f"{', '.join(map(repr, extra[:5]))}")
+
+
+async def open_checkpoint(uri: str, config: LoaderConfig, executor: Executor,
+                          stack: AsyncExitStack) -> Checkpoint:
+    """Resolves `uri` and validates every header; sources close when `stack` closes."""
+    sources, index = await _Resolver(config, executor, stack).resolve(str(uri))
+    headers = await asyncio.gather(*(read_header(s) for s in sources))
+    files = [CheckpointFile(s, h) for s, h in zip(sources, headers)]
+    _check_names(files, index)
+    return Checkpoint(uri=str(uri), files=tuple(files), index=index)

@@ -1,0 +1,171 @@
+"""Typed, validated loader configuration.
+
+`LoaderConfig` is a frozen dataclass. `from_mapping` takes plain dicts (vLLM's
+`model_loader_extra_config`, CLI options) and rejects unknown keys by name;
+`from_env` reads the `WARMSTART_*` variables, once, in one place (docs/CONFIG.md lists them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
+
+from warmstart.errors import ConfigError
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+def parse_size(value: Any, key: str) -> int:
+    """Accepts ints and strings like '512MiB', '64M', '1g', '4096'."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}: expected a size, got {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        text = value.strip().lower().replace(" ", "")
+        units = {"kib": 1 << 10, "mib": MiB, "gib": GiB, "kb": 1000, "mb": 10**6,
+                 "gb": 10**9, "k": 1 << 10, "m": MiB, "g": GiB, "b": 1, "": 1}
+        for suffix in sorted(units, key=len, reverse=True):
+            number = text[: len(text) - len(suffix)] if suffix else text
+            if text.endswith(suffix) and number.replace(".", "", 1).isdigit():
+                return int(float(number) * units[suffix])
+    raise ConfigError(f"{key}: cannot read {value!r} as a size (examples: 8MiB, 512M, 1GiB)")
+
+
+def _parse_bool(value: Any, key: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in {"1", "true", "yes", "on"}:
+        return True
+    if isinstance(value, str) and value.strip().lower() in {"0", "false", "no", "off"}:
+        return False
+    raise ConfigError(f"{key}: expected true or false, got {value!r}")
+
+
+@dataclass(frozen=True)
+class LoaderConfig:
+    """How the loader reads, stages and copies. Sizes are bytes."""
+
+    chunk_size: int = 16 * MiB
+    """Bytes per read request and per ring slot."""
+    memory_budget: int = 256 * MiB
+    """Host memory the loader may use beyond the tensors it returns (ring slots)."""
+    concurrency: int = 0
+    """Reads in flight; 0 picks a default per backend (local 8, S3 16)."""
+    direct_io: bool = False
+    """Read local files with O_DIRECT (bypasses the page cache; staged through the ring)."""
+    staged: bool = False
+    """Force the host ring even for `device='cpu'` (normally reads land in place)."""
+    group_size: int = 1 * GiB
+    """Destination memory is allocated per group of consecutive tensors of about this size."""
+    gap_size: int = 1 * MiB
+    """With a `names` filter, unwanted bytes up to this size are read through, not skipped."""
+    max_attempts: int = 5
+    """Tries per chunk for transient storage errors (5xx, throttling, resets, short bodies)."""
+    retry_base_delay: float = 0.1
+    retry_max_delay: float = 5.0
+    connect_timeout: float = 10.0
+    read_timeout: float = 60.0
+    """Seconds without progress on one request before it counts as a transient failure."""
+    s3_endpoint_url: str | None = None
+    """Overrides AWS_ENDPOINT_URL / the AWS default endpoint."""
+    s3_region: str | None = None
+    s3_addressing_style: str = "auto"
+    """'path', 'virtual' or 'auto' (path style when a custom endpoint is set)."""
+    s3_data_path: str = "auto"
+    """'raw' (presigned URL, socket receive straight into the buffer), 'botocore', or 'auto'
+    (raw for http endpoints, botocore for https)."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if self.chunk_size < 4096:
+            raise ConfigError(f"chunk_size must be at least 4096 bytes, got {self.chunk_size}")
+        if self.memory_budget < 2 * self.chunk_size:
+            raise ConfigError(
+                f"memory_budget ({self.memory_budget}) must hold at least two chunks of "
+                f"chunk_size ({self.chunk_size})")
+        if self.concurrency < 0 or self.concurrency > 1024:
+            raise ConfigError(f"concurrency must be 0 (auto) or 1..1024, got {self.concurrency}")
+        if self.group_size < self.chunk_size:
+            raise ConfigError("group_size must be at least chunk_size")
+        if self.gap_size < 0:
+            raise ConfigError("gap_size must be >= 0")
+        if self.max_attempts < 1:
+            raise ConfigError("max_attempts must be >= 1")
+        for key in ("retry_base_delay", "retry_max_delay", "connect_timeout", "read_timeout"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"{key} must be > 0")
+        if self.s3_addressing_style not in {"auto", "path", "virtual"}:
+            raise ConfigError("s3_addressing_style must be 'auto', 'path' or 'virtual'")
+        if self.s3_data_path not in {"auto", "raw", "botocore"}:
+            raise ConfigError("s3_data_path must be 'auto', 'raw' or 'botocore'")
+
+    @property
+    def ring_slots(self) -> int:
+        return self.memory_budget // self.slot_bytes
+
+    @property
+    def slot_bytes(self) -> int:
+        # Room for O_DIRECT alignment on both ends of a chunk.
+        return self.chunk_size + (2 * 4096 if self.direct_io else 0)
+
+    def read_concurrency(self, backend: str) -> int:
+        return self.concurrency or {"local": 8, "s3": 16}.get(backend, 8)
+
+    def replace(self, **changes: Any) -> "LoaderConfig":
+        return self.from_mapping({**dataclasses.asdict(self), **changes})
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def from_mapping(cls, mapping: Mapping[str, Any] | None) -> "LoaderConfig":
+        """Builds a config from plain values; unknown keys raise ConfigError naming them."""
+        mapping = dict(mapping or {})
+        valid = cls.keys()
+        unknown = sorted(k for k in mapping if k not in valid)
+        if unknown:
+            raise ConfigError(
+                f"unknown warmstart option(s) {', '.join(map(repr, unknown))}; "
+                f"valid options are: {', '.join(valid)}")
+        kwargs: dict[str, Any] = {}
+        types = {f.name: f.type for f in fields(cls)}
+        for key, value in mapping.items():
+            kind = types[key]
+            try:
+                if key in {"chunk_size", "memory_budget", "group_size", "gap_size"}:
+                    kwargs[key] = parse_size(value, key)
+                elif kind == "bool":
+                    kwargs[key] = _parse_bool(value, key)
+                elif kind == "int":
+                    if isinstance(value, bool):
+                        raise ValueError(value)
+                    kwargs[key] = int(value)
+                elif kind == "float":
+                    kwargs[key] = float(value)
+                else:
+                    kwargs[key] = None if value is None else str(value)
+            except (TypeError, ValueError) as exc:
+                if isinstance(exc, ConfigError):
+                    raise
+                raise ConfigError(f"{key}: invalid value {value!r} ({kind} expected)") from None
+        return cls(**kwargs)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None,
+                 **overrides: Any) -> "LoaderConfig":
+        """Reads WARMSTART_<KEY> for every field (e.g. WARMSTART_CHUNK_SIZE=8MiB)."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for key in cls.keys():
+            env_key = "WARMSTART_" + key.upper()
+            if env_key in environ:
+                values[key] = environ[env_key]
+        values.update(overrides)
+        return cls.from_mapping(values)

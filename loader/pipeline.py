@@ -1,0 +1,127 @@
+"""Execute a read plan: reads, staging and device copies overlap in one pipeline.
+
+For each chunk, in plan order, at most `concurrency` at a time:
+  direct  (device='cpu'):  read straight into the destination group buffer;
+  staged  (GPU, O_DIRECT, or forced): wait for a free ring slot, read into it, copy the slot
+          to the destination with the copy engine, return the slot once the copy is done.
+A tensor is handed to `on_tensor` as soon as every chunk carrying its bytes has landed.
+On the first failure nothing new starts; chunks in flight are waited for (their threads
+write into memory we own) and the failure is raised; no partial result escapes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Awaitable, Callable, Protocol, Sequence
+
+import torch
+
+from warmstart.loader.memory import HostRing, tensor_target
+from warmstart.loader.plan import Chunk, ReadPlan
+from warmstart.loader.sources.base import Source, Target
+
+
+class CopyEngine(Protocol):
+    async def copy(self, dst: int, src: int, n: int) -> None: ...
+
+
+class Destination:
+    """Allocates group buffers on first use; `alloc(nbytes)` returns a uint8 tensor."""
+
+    def __init__(self, plan: ReadPlan, alloc: Callable[[int], torch.Tensor]) -> None:
+        self.plan = plan
+        self._alloc = alloc
+        self.buffers: dict[int, torch.Tensor] = {}
+
+    def buffer(self, group: int) -> torch.Tensor:
+        buf = self.buffers.get(group)
+        if buf is None:
+            buf = self.buffers[group] = self._alloc(self.plan.groups[group].nbytes)
+        return buf
+
+    def release(self, group: int) -> None:
+        self.buffers.pop(group, None)
+
+
+def _align_down(value: int, to: int) -> int:
+    return value // to * to
+
+
+async def _read_staged(source: Source, chunk: Chunk, ring: HostRing, engine: CopyEngine,
+                       dst_addr: int) -> None:
+    slot = await ring.get()
+    try:
+        a = source.alignment
+        start = _align_down(chunk.offset, a)
+        end = -(-(chunk.offset + chunk.length) // a) * a
+        await source.read_into(start, slot.sub(0, end - start))
+        await engine.copy(dst_addr, slot.addr + (chunk.offset - start), chunk.length)
+    finally:
+        ring.put(slot)
+
+
+async def execute(plan: ReadPlan, sources: Sequence[Source], dest: Destination, *,
+                  concurrency: int, ring: HostRing | None, engine: CopyEngine | None,
+                  on_tensor: Callable[[int], None],
+                  on_progress: Callable[[int], None] | None = None,
+                  before_group: Callable[[], Awaitable[object]] | None = None) -> None:
+    remaining = [t.chunks for t in plan.tensors]
+    started: set[int] = set()
+    sem = asyncio.Semaphore(concurrency)
+    failures: list[BaseException] = []
+    tasks: set[asyncio.Task] = set()
+
+    async def start_group(group: int) -> None:
+        if before_group is not None:
+            await before_group()
+        started.add(group)
+        dest.buffer(group)
+        for t in plan.groups[group].tensors:
+            if remaining[t] == 0:  # empty tensors carry no bytes
+                on_tensor(t)
+
+    async def run_chunk(chunk: Chunk) -> None:
+        try:
+            buf = dest.buffer(chunk.group)
+            source = sources[chunk.file]
+            if ring is None:
+                target: Target = tensor_target(buf).sub(chunk.dest, chunk.length)
+                await source.read_into(chunk.offset, target)
+            else:
+                await _read_staged(source, chunk, ring, engine, buf.data_ptr() + chunk.dest)
+            if on_progress is not None:
+                on_progress(chunk.length)
+            for t in chunk.tensors:
+                remaining[t] -= 1
+                if remaining[t] == 0:
+                    on_tensor(t)
+        except BaseException as exc:  # noqa: BLE001 - recorded, re-raised by execute()
+            failures.append(exc)
+        finally:
+            sem.release()
+
+    try:
+        for chunk in plan.chunks:
+            if chunk.group not in started:
+                await start_group(chunk.group)
+            await sem.acquire()
+            if failures:
+                sem.release()
+                break
+            task = asyncio.get_running_loop().create_task(run_chunk(chunk))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        else:
+            for group in range(len(plan.groups)):  # groups holding only empty tensors
+                if group not in started:
+                    await start_group(group)
+    finally:
+        # Whatever happened (failure, cancellation), wait for in-flight chunks: their worker
+        # threads write into buffers that must outlive them.
+        while tasks:
+            done, _ = await asyncio.wait(set(tasks))
+            for task in done:
+                if task.cancelled():
+                    failures.append(asyncio.CancelledError())
+    if failures:
+        raise failures[0]
