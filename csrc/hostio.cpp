@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <vector>
 
 #include "cuda_rt.h"
 
@@ -57,6 +58,33 @@ void host_free(void* ptr, uint64_t nbytes, int kind) {
   } else {
     munmap(ptr, nbytes == 0 ? 1 : nbytes);
   }
+}
+
+}  // namespace warmstart
+
+namespace warmstart {
+
+double cached_fraction(int fd, uint64_t size, uint64_t max_pages) {
+  if (size == 0) return 1.0;
+  const uint64_t page = static_cast<uint64_t>(sysconf(_SC_PAGESIZE));
+  void* map = mmap(nullptr, size, PROT_READ, MAP_SHARED, fd, 0);
+  if (map == MAP_FAILED) return -static_cast<double>(errno);
+  const uint64_t pages = (size + page - 1) / page;
+  std::vector<unsigned char> vec(pages);
+  double result;
+  if (mincore(map, size, vec.data()) != 0) {
+    result = -static_cast<double>(errno);
+  } else {
+    const uint64_t step = max_pages == 0 || pages <= max_pages ? 1 : pages / max_pages;
+    uint64_t seen = 0, resident = 0;
+    for (uint64_t i = 0; i < pages; i += step) {
+      ++seen;
+      resident += vec[i] & 1;
+    }
+    result = static_cast<double>(resident) / static_cast<double>(seen);
+  }
+  munmap(map, size);
+  return result;
 }
 
 }  // namespace warmstart

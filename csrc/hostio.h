@@ -19,3 +19,9 @@ void* host_alloc(uint64_t nbytes, bool pinned, int* kind_out);
 void host_free(void* ptr, uint64_t nbytes, int kind);
 
 }  // namespace warmstart
+
+namespace warmstart {
+// Fraction (0..1) of the file's pages that are in the page cache (mmap + mincore), sampled
+// over at most `max_pages` evenly spread pages; -errno on failure.
+double cached_fraction(int fd, uint64_t size, uint64_t max_pages);
+}  // namespace warmstart

@@ -4,7 +4,9 @@
 #include <Python.h>
 
 #include <cstring>
+#include <vector>
 
+#include "chunker.h"
 #include "cuda_rt.h"
 #include "hostio.h"
 
@@ -21,6 +23,15 @@ PyObject* py_pread_into(PyObject*, PyObject* args) {
   int64_t n;
   Py_BEGIN_ALLOW_THREADS n = pread_full(fd, offset, as_ptr(addr), length);
   Py_END_ALLOW_THREADS return PyLong_FromLongLong(n);
+}
+
+PyObject* py_cached_fraction(PyObject*, PyObject* args) {
+  int fd;
+  unsigned long long size, max_pages;
+  if (!PyArg_ParseTuple(args, "iKK", &fd, &size, &max_pages)) return nullptr;
+  double f;
+  Py_BEGIN_ALLOW_THREADS f = cached_fraction(fd, size, max_pages);
+  Py_END_ALLOW_THREADS return PyFloat_FromDouble(f);
 }
 
 PyObject* py_memcpy(PyObject*, PyObject* args) {
@@ -140,10 +151,42 @@ PyObject* py_cuda_event_destroy(PyObject*, PyObject* args) {
   return PyLong_FromLong(cuda::event_destroy(ev));
 }
 
+PyObject* py_fastcdc_cuts(PyObject*, PyObject* args) {
+  Py_buffer buf;
+  unsigned long long mn, avg, mx;
+  int final;
+  if (!PyArg_ParseTuple(args, "y*KKKp", &buf, &mn, &avg, &mx, &final)) return nullptr;
+  if (mn == 0 || mn > avg || avg > mx) {
+    PyBuffer_Release(&buf);
+    PyErr_SetString(PyExc_ValueError, "fastcdc_cuts needs 0 < min <= avg <= max");
+    return nullptr;
+  }
+  std::vector<uint64_t> lengths;
+  Py_BEGIN_ALLOW_THREADS fastcdc_cuts(static_cast<const uint8_t*>(buf.buf),
+                                      static_cast<size_t>(buf.len), mn, avg, mx, final != 0,
+                                      lengths);
+  Py_END_ALLOW_THREADS PyBuffer_Release(&buf);
+  PyObject* list = PyList_New(static_cast<Py_ssize_t>(lengths.size()));
+  if (list == nullptr) return nullptr;
+  for (size_t i = 0; i < lengths.size(); ++i)
+    PyList_SET_ITEM(list, static_cast<Py_ssize_t>(i), PyLong_FromUnsignedLongLong(lengths[i]));
+  return list;
+}
+
+PyObject* py_gear_table(PyObject*, PyObject*) {
+  PyObject* list = PyList_New(256);
+  if (list == nullptr) return nullptr;
+  const uint64_t* g = gear_table();
+  for (int i = 0; i < 256; ++i) PyList_SET_ITEM(list, i, PyLong_FromUnsignedLongLong(g[i]));
+  return list;
+}
+
 PyMethodDef methods[] = {
     {"pread_into", py_pread_into, METH_VARARGS,
      "pread_into(fd, offset, addr, length) -> bytes read (short at EOF) or -errno"},
     {"memcpy", py_memcpy, METH_VARARGS, "memcpy(dst_addr, src_addr, n)"},
+    {"cached_fraction", py_cached_fraction, METH_VARARGS,
+     "cached_fraction(fd, size, max_pages) -> share of sampled pages in the page cache"},
     {"host_alloc", py_host_alloc, METH_VARARGS,
      "host_alloc(nbytes, pinned) -> (addr, kind); addr 0 on failure"},
     {"host_free", py_host_free, METH_VARARGS, "host_free(addr, nbytes, kind)"},
@@ -161,6 +204,9 @@ PyMethodDef methods[] = {
     {"cuda_event_query", py_cuda_event_query, METH_VARARGS, "-> 0 done, 600 pending, else err"},
     {"cuda_event_synchronize", py_cuda_event_synchronize, METH_VARARGS, "-> cudaError_t"},
     {"cuda_event_destroy", py_cuda_event_destroy, METH_VARARGS, "-> cudaError_t"},
+    {"fastcdc_cuts", py_fastcdc_cuts, METH_VARARGS,
+     "fastcdc_cuts(buffer, min, avg, max, final) -> list of chunk lengths"},
+    {"gear_table", py_gear_table, METH_NOARGS, "the chunker's 256 gear values"},
     {nullptr, nullptr, 0, nullptr},
 };
 

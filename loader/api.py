@@ -68,7 +68,8 @@ async def astream(uri: str, device: str | torch.device = "cpu", *,
         backend = ckpt.files[0].source.backend if ckpt.files else "local"
         concurrency = cfg.read_concurrency(backend)
         ring = engine = None
-        if dev.type == "cuda" or cfg.direct_io or cfg.staged:
+        direct = any(f.source.alignment > 1 for f in ckpt.files)
+        if dev.type == "cuda" or direct or cfg.staged:
             engine = (CudaCopyEngine(dev.index) if dev.type == "cuda" else HostCopyEngine())
             stack.callback(engine.close)
             slots = max(2, min(cfg.ring_slots, len(plan.chunks)))

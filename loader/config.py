@@ -35,7 +35,9 @@ def parse_size(value: Any, key: str) -> int:
     raise ConfigError(f"{key}: cannot read {value!r} as a size (examples: 8MiB, 512M, 1GiB)")
 
 
-def _parse_bool(value: Any, key: str) -> bool:
+def _parse_bool(value: Any, key: str) -> bool | None:
+    if value is None or (isinstance(value, str) and value.strip().lower() == "auto"):
+        return None
     if isinstance(value, bool):
         return value
     if isinstance(value, str) and value.strip().lower() in {"1", "true", "yes", "on"}:
@@ -55,8 +57,9 @@ class LoaderConfig:
     """Host memory the loader may use beyond the tensors it returns (ring slots)."""
     concurrency: int = 0
     """Reads in flight; 0 picks a default per backend (local 8, S3 16)."""
-    direct_io: bool = False
-    """Read local files with O_DIRECT (bypasses the page cache; staged through the ring)."""
+    direct_io: bool | None = None
+    """Read local files with O_DIRECT, staged through the ring. None (auto): per file, only
+    when most of it is not in the page cache (a cold read from disk)."""
     staged: bool = False
     """Force the host ring even for `device='cpu'` (normally reads land in place)."""
     group_size: int = 1 * GiB
@@ -111,8 +114,7 @@ class LoaderConfig:
 
     @property
     def slot_bytes(self) -> int:
-        # Room for O_DIRECT alignment on both ends of a chunk.
-        return self.chunk_size + (2 * 4096 if self.direct_io else 0)
+        return self.chunk_size + 2 * 4096  # room for O_DIRECT alignment on both ends
 
     def read_concurrency(self, backend: str) -> int:
         return self.concurrency or {"local": 8, "s3": 16}.get(backend, 8)
@@ -141,8 +143,10 @@ class LoaderConfig:
             try:
                 if key in {"chunk_size", "memory_budget", "group_size", "gap_size"}:
                     kwargs[key] = parse_size(value, key)
-                elif kind == "bool":
+                elif kind in {"bool", "bool | None"}:
                     kwargs[key] = _parse_bool(value, key)
+                    if kwargs[key] is None and kind == "bool":
+                        raise ConfigError(f"{key}: expected true or false, got {value!r}")
                 elif kind == "int":
                     if isinstance(value, bool):
                         raise ValueError(value)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator, Awaitable, Iterator, TypeVar
 
 from warmstart.errors import WarmstartError
@@ -23,6 +24,8 @@ def loop() -> asyncio.AbstractEventLoop:
     with _lock:
         if _loop is None or _thread is None or not _thread.is_alive():
             _loop = asyncio.new_event_loop()
+            # asyncio.to_thread on this loop (closing executors) gets named threads
+            _loop.set_default_executor(ThreadPoolExecutor(2, thread_name_prefix="warmstart-aux"))
             ready = threading.Event()
 
             def run() -> None:

@@ -12,6 +12,7 @@ from warmstart.errors import AccessDenied, NotFound, SourceError, TruncatedFile
 from warmstart.loader.sources.base import Source, Target
 
 DIRECT_ALIGNMENT = 4096
+AUTO_DIRECT_MIN_BYTES = 64 << 20  # small files: not worth a ring
 
 
 def open_error(path: str, exc: OSError) -> SourceError:
@@ -25,15 +26,19 @@ def open_error(path: str, exc: OSError) -> SourceError:
 class LocalFileSource(Source):
     backend = "local"
 
-    def __init__(self, path: str, executor: Executor, *, direct: bool = False) -> None:
+    def __init__(self, path: str, executor: Executor, *, direct: bool | None = False) -> None:
         self.name = path
         self._executor = executor
-        self.alignment = DIRECT_ALIGNMENT if direct else 1
         self._fd = self._direct_fd = -1
         try:
             self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
             if os.path.isdir(path):
                 raise IsADirectoryError(errno.EISDIR, "is a directory")
+            if direct is None:  # auto: O_DIRECT only pays off when the data is not cached
+                size = os.fstat(self._fd).st_size
+                direct = size >= AUTO_DIRECT_MIN_BYTES and 0 <= _native.cached_fraction(
+                    self._fd, size, 1024) < 0.5
+            self.alignment = DIRECT_ALIGNMENT if direct else 1
             if direct:  # aligned reads bypass the page cache; unaligned ones (headers) do not
                 self._direct_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECT)
         except IsADirectoryError:
