@@ -85,6 +85,7 @@ def make_tiny_llama(root: Path) -> TinyLlama:
 
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> TinyLlama:
+    pytest.importorskip("transformers", reason="transformers is not installed (comes with vLLM)")
     return make_tiny_llama(tmp_path_factory.mktemp("models"))
 
 
