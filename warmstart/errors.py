@@ -103,3 +103,34 @@ class NativeError(WarmstartError, RuntimeError):
 
 class CudaUnavailable(NativeError):
     """A CUDA device was asked for but no CUDA driver/runtime is usable."""
+
+
+# --- container images (imageformat/) ----------------------------------------------------
+
+
+class ImageFormatError(FormatError):
+    """An image manifest, TOC, chunk index, profile or layer tar is malformed."""
+
+
+class UnsupportedVersion(ImageFormatError):
+    """An image document declares a version or media type warmstart does not know."""
+
+
+class UnsafeEntry(ImageFormatError):
+    """An entry's path or link target is absolute, has `..`, or escapes the image root."""
+
+
+class DuplicateEntry(ImageFormatError):
+    """The same path appears twice in a TOC (or entries are out of order)."""
+
+
+class SizeMismatch(ImageFormatError):
+    """A file's size disagrees with the sum of its chunk sizes."""
+
+
+class FieldTooLarge(ImageFormatError):
+    """A document or one of its fields exceeds its safety cap."""
+
+
+class DigestMismatch(IntegrityError):
+    """A chunk, blob, TOC or manifest does not hash to the digest that names it."""
