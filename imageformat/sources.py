@@ -55,22 +55,36 @@ class _HashingWriter:
         return self.f.write(data)
 
 
-def _decompress_to(src: BinaryIO, dest: str) -> tuple[str, str]:
-    """Writes the uncompressed tar to dest; returns (digest of src, digest of the tar)."""
+def _decompress_to(src: BinaryIO, dest: str, what: str,
+                   digest: str | None = None, diff_id: str | None = None) -> None:
+    """Writes the uncompressed tar to dest, checking the compressed bytes against `digest`
+    and/or the uncompressed ones against `diff_id`. A digest mismatch wins over a
+    decompression error, so tampering is always reported as such."""
     reader = _HashingReader(src)
     head = src.peek(4)[:4] if hasattr(src, "peek") else b""
+    error: Exception | None = None
     with open(dest, "wb") as raw:
         out = _HashingWriter(raw)
-        if head[:2] == b"\x1f\x8b":
-            with gzip.GzipFile(fileobj=reader) as gz:  # type: ignore[arg-type]
-                shutil.copyfileobj(gz, out, 1 << 20)  # type: ignore[misc]
-        elif head == b"\x28\xb5\x2f\xfd":
-            zstandard.ZstdDecompressor().copy_stream(reader, out)
-        else:
-            shutil.copyfileobj(reader, out, 1 << 20)  # type: ignore[misc]
+        try:
+            if head[:2] == b"\x1f\x8b":
+                with gzip.GzipFile(fileobj=reader) as gz:  # type: ignore[arg-type]
+                    shutil.copyfileobj(gz, out, 1 << 20)  # type: ignore[misc]
+            elif head == b"\x28\xb5\x2f\xfd":
+                zstandard.ZstdDecompressor().copy_stream(reader, out)
+            else:
+                shutil.copyfileobj(reader, out, 1 << 20)  # type: ignore[misc]
+        except (OSError, EOFError, zstandard.ZstdError) as exc:
+            error = exc
         while reader.read(1 << 20):  # hash any trailing bytes too
             pass
-    return "sha256:" + reader.h.hexdigest(), "sha256:" + out.h.hexdigest()
+    got = "sha256:" + reader.h.hexdigest()
+    if digest is not None and got != digest:
+        raise DigestMismatch(f"{what}: compressed bytes hash to {got}, expected {digest}")
+    if error is not None:
+        raise ImageFormatError(f"{what}: does not decompress ({error})")
+    got = "sha256:" + out.h.hexdigest()
+    if diff_id is not None and got != diff_id:
+        raise DigestMismatch(f"{what}: uncompressed tar hashes to {got}, expected {diff_id}")
 
 
 def _blob_path(layout: str, digest: str) -> str:
@@ -116,9 +130,7 @@ def oci_layers(layout: str, ref: str | None, workdir: str) -> list[str]:
     for i, layer in enumerate(manifest.get("layers") or []):
         dest = os.path.join(workdir, f"layer{i:04d}.tar")
         with open(_blob_path(layout, layer["digest"]), "rb") as f:
-            got, _ = _decompress_to(f, dest)
-        if got != layer["digest"]:
-            raise DigestMismatch(f"{layout}: layer {i} {layer['digest']} hashes to {got}")
+            _decompress_to(f, dest, f"{layout} layer {i}", digest=layer["digest"])
         out.append(dest)
     return out
 
@@ -155,9 +167,7 @@ def docker_archive_layers(archive: str, ref: str | None, workdir: str) -> list[s
             if member is None:
                 raise ImageFormatError(f"{archive}: layer {name!r} is missing")
             dest = os.path.join(workdir, f"layer{i:04d}.tar")
-            _, got = _decompress_to(io.BufferedReader(member), dest)  # type: ignore[arg-type]
-            if got != diff_ids[i]:
-                raise DigestMismatch(f"{archive}: layer {name!r} hashes to {got}, its config "
-                                     f"says {diff_ids[i]}")
+            _decompress_to(io.BufferedReader(member), dest,  # type: ignore[arg-type]
+                           f"{archive} layer {name!r}", diff_id=diff_ids[i])
             out.append(dest)
     return out

@@ -1,0 +1,95 @@
+"""Session fixtures for the image-format tests: test rootfs folders, umoci-built OCI
+layouts, a docker-archive made by skopeo, and local S3 servers."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+from imageformat_rootfs import build_python_rootfs, have_system_python, make_v2, run
+
+@pytest.fixture(scope="session")
+def py_rootfs(tmp_path_factory):
+    if not have_system_python():
+        pytest.skip("needs Debian's /usr/bin/python3.11 and /usr/lib/python3.11 to build "
+                    "the test rootfs")
+    root = str(tmp_path_factory.mktemp("rootfs") / "v1")
+    build_python_rootfs(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def py_rootfs_v2(py_rootfs, tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("rootfs") / "v2")
+    shutil.copytree(py_rootfs, root, symlinks=True)
+    make_v2(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def oci_layout(py_rootfs, tmp_path_factory):
+    """An OCI layout built by umoci: tag v1 (one layer) and v2 (v1 + a layer with changes
+    and whiteouts)."""
+    if shutil.which("umoci") is None:
+        pytest.skip("umoci is not installed (Debian package 'umoci')")
+    base = tmp_path_factory.mktemp("oci")
+    layout, b1, b2 = str(base / "layout"), str(base / "b1"), str(base / "b2")
+    run("umoci", "init", "--layout", layout)
+    run("umoci", "new", "--image", f"{layout}:v1")
+    run("umoci", "unpack", "--image", f"{layout}:v1", b1)
+    run("cp", "-a", f"{py_rootfs}/.", f"{b1}/rootfs/")
+    run("umoci", "repack", "--image", f"{layout}:v1", b1)
+    run("umoci", "unpack", "--image", f"{layout}:v1", b2)
+    make_v2(f"{b2}/rootfs")
+    run("umoci", "repack", "--image", f"{layout}:v2", b2)
+    shutil.rmtree(b1)
+    shutil.rmtree(b2)
+    return layout
+
+
+@pytest.fixture(scope="session")
+def umoci_unpacked(oci_layout, tmp_path_factory):
+    """`umoci unpack` of each tag: the reference tree a runtime would see."""
+    out = {}
+    for tag in ("v1", "v2"):
+        bundle = str(tmp_path_factory.mktemp("ref") / tag)
+        run("umoci", "unpack", "--image", f"{oci_layout}:{tag}", bundle)
+        out[tag] = os.path.join(bundle, "rootfs")
+    return out
+
+
+@pytest.fixture(scope="session")
+def docker_archive(oci_layout, tmp_path_factory):
+    if shutil.which("skopeo") is None:
+        pytest.skip("skopeo is not installed (Debian package 'skopeo')")
+    path = str(tmp_path_factory.mktemp("docker") / "image.tar")
+    run("skopeo", "--insecure-policy", "copy", f"oci:{oci_layout}:v2",
+        f"docker-archive:{path}:test/image:v2")
+    return path
+
+
+@pytest.fixture(scope="session")
+def s3_servers():
+    from warmstart.testing.s3server import start_server
+    servers = {}
+    try:
+        for kind in ("localbucket", "nanio"):
+            servers[kind] = start_server(kind)
+            servers[kind].create_bucket("images")
+        yield servers
+    finally:
+        for s in servers.values():
+            s.stop()
+
+
+@pytest.fixture(params=["local", "localbucket", "nanio"])
+def store_uri(request, tmp_path, s3_servers):
+    """A fresh store on each backend; every store test runs against all of them."""
+    from warmstart.imageformat.backends import S3Config
+    if request.param == "local":
+        return str(tmp_path / "store"), None
+    s = s3_servers[request.param]
+    cfg = S3Config(s.endpoint, s.access_key, s.secret_key, s.region)
+    return f"s3://images/{request.node.name.replace('[', '-').rstrip(']')}-{os.getpid()}", cfg
