@@ -19,6 +19,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
 from collections.abc import Iterator
@@ -30,6 +31,7 @@ SHARD_BYTES = 1 << 30
 COMPLETE = "COMPLETE"
 READERS = "readers"
 INDEX_NAME = "model.safetensors.index.json"
+logger = logging.getLogger("vllm.warmstart")  # shown by vLLM's own log handler
 
 
 @dataclass(frozen=True)
@@ -59,7 +61,12 @@ def shared_copy(uri: str, options: PluginOptions, loader_config) -> Iterator[str
     if plan is None:
         yield uri
         return
-    local = acquire(plan, lambda folder: fill_copy(uri, folder, loader_config))
+    def fill(folder: str) -> None:
+        fill_copy(uri, folder, loader_config)
+        logger.info("warmstart: copied %s to the node-local folder %s for %d ranks", uri,
+                    plan.folder, plan.readers)
+
+    local = acquire(plan, fill)
     try:
         yield local
     finally:

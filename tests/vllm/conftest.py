@@ -30,7 +30,8 @@ class TinyLlama:
     folder: Path         # config + tokenizer + model.safetensors
     sharded: Path        # config + tokenizer + several shards + model.safetensors.index.json
     config_only: Path    # config + tokenizer, no weights
-    incomplete: Path     # like `folder`, but the checkpoint lacks DROPPED_TENSOR
+    incomplete: Path     # like `folder`, but the checkpoint lacks `dropped_tensor`
+    dropped_tensor: str = DROPPED_TENSOR
 
     @property
     def single_file(self) -> Path:
@@ -90,15 +91,13 @@ def tiny_llama(tmp_path_factory) -> TinyLlama:
 
 
 @pytest.fixture(scope="session")
-def s3_models(tiny_llama):
-    """A SigV4-checking S3 server holding s3://models/tiny and s3://models/tiny-sharded."""
-    from warmstart.testing.s3server import running_server
-
-    with running_server("nanio") as server:
-        server.create_bucket("models")
-        server.upload_tree(tiny_llama.folder, "models", "tiny")
-        server.upload_tree(tiny_llama.sharded, "models", "tiny-sharded")
-        yield server
+def s3_models(tiny_llama, nanio):
+    """The SigV4-checking S3 server (tests/conftest.py) holding s3://vllm-models/tiny and
+    s3://vllm-models/tiny-sharded."""
+    nanio.create_bucket("vllm-models")
+    nanio.upload_tree(tiny_llama.folder, "vllm-models", "tiny")
+    nanio.upload_tree(tiny_llama.sharded, "vllm-models", "tiny-sharded")
+    return nanio
 
 
 @pytest.fixture(scope="session")
@@ -125,6 +124,8 @@ class EngineRun:
     results: dict[str, dict]
     log: str
     runner_pid: int
+    prompts: tuple[str, ...] = tuple(PROMPTS)
+    max_tokens: int = MAX_TOKENS
 
     def tokens(self, case_id: str) -> list[list[int]]:
         result = self.results[case_id]
@@ -152,6 +153,16 @@ def run_engines(cases: list[dict], env: dict[str, str], workdir: Path,
     pid = next(int(line.split("=", 1)[1]) for line in log.splitlines()
                if line.startswith("RUNNER_PID="))
     return EngineRun({r["id"]: r for r in lines}, log, pid)
+
+
+@pytest.fixture(scope="session")
+def engines(vllm_env, engine_workdir):
+    """`engines(cases, name, **env)`: runs the cases in a child process named `name`."""
+
+    def run(cases: list[dict], name: str, **env: str) -> EngineRun:
+        return run_engines(cases, {**vllm_env, **env}, engine_workdir / name)
+
+    return run
 
 
 @pytest.fixture(scope="session")

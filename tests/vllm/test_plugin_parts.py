@@ -174,7 +174,7 @@ def test_node_copy_of_an_s3_checkpoint_is_bit_identical(tmp_path, tiny_llama, s3
 
     for key, value in s3_models.env().items():
         monkeypatch.setenv(key, value)
-    node_cache.fill_copy("s3://models/tiny-sharded/", str(tmp_path), LoaderConfig.from_env(),
+    node_cache.fill_copy("s3://vllm-models/tiny-sharded/", str(tmp_path), LoaderConfig.from_env(),
                          shard_bytes=256 << 10)
     index = json.loads((tmp_path / node_cache.INDEX_NAME).read_text())
     assert len(set(index["weight_map"].values())) > 2
