@@ -27,11 +27,17 @@ def local_checkpoint(tmp_path_factory):
     return make.__wrapped__(tmp_path_factory)
 
 
+_UPLOADED: set[str] = set()
+
+
 @pytest.fixture
 def uploaded(s3, local_checkpoint):
     root, tensors = local_checkpoint
-    s3.create_bucket(BUCKET)
     prefix = f"{s3.kind}"
+    if s3.endpoint in _UPLOADED:
+        return f"s3://{BUCKET}/{prefix}", tensors
+    _UPLOADED.add(s3.endpoint)
+    s3.create_bucket(BUCKET)
     s3.upload_file(root / "single.safetensors", BUCKET, f"{prefix}/single.safetensors")
     s3.upload_tree(root / "sharded", BUCKET, f"{prefix}/sharded")
     s3.upload_tree(root / "folder", BUCKET, f"{prefix}/folder")
