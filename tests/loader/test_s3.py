@@ -13,9 +13,7 @@ from warmstart.loader import LoaderConfig, load, stream
 from warmstart.testing.s3server import free_port
 
 BUCKET = "models"
-# Many ring cycles, but 64 KiB requests: thousands of 4 KiB ranged GETs in a row against
-# localbucket were seen to stall for minutes on this kernel (server-side Nagle with delayed
-# ACKs), which says nothing about the loader.
+# Many ring cycles with few enough requests to keep the suite quick.
 S3_SMALL = LoaderConfig(chunk_size=1 << 16, memory_budget=3 * ((1 << 16) + 8192),
                         group_size=1 << 17, read_timeout=20)
 

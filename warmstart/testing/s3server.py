@@ -32,6 +32,7 @@ class S3Server:
     secret_key: str = SECRET_KEY
     region: str = "us-east-1"
     process: subprocess.Popen | None = field(default=None, repr=False)
+    log_path: str | None = None
 
     def env(self) -> dict[str, str]:
         """Environment variables that point the AWS credential chain at this server."""
@@ -103,6 +104,9 @@ class S3Server:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        if self.log_path:
+            with contextlib.suppress(OSError):
+                os.unlink(self.log_path)
 
 
 def free_port() -> int:
@@ -132,12 +136,17 @@ def start_server(kind: str = "localbucket", data_dir: str | None = None,
     data_dir = data_dir or tempfile.mkdtemp(prefix=f"warmstart-{kind}-")
     port = free_port()
     cmd, env = _command(kind, port, data_dir)
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    server = S3Server(kind=kind, endpoint=f"http://127.0.0.1:{port}", process=proc)
+    # The servers log every request: to a file, never to a pipe nobody drains (a full pipe
+    # blocks the server mid-request).
+    log = tempfile.NamedTemporaryFile(prefix=f"warmstart-{kind}-", suffix=".log", delete=False)
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    log.close()
+    server = S3Server(kind=kind, endpoint=f"http://127.0.0.1:{port}", process=proc,
+                      log_path=log.name)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+            err = Path(log.name).read_text(errors="replace")
             raise RuntimeError(f"{kind} exited with {proc.returncode} at start: {err[-2000:]}")
         try:
             urllib.request.urlopen(server.endpoint + "/", timeout=1).close()
