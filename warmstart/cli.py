@@ -1,0 +1,101 @@
+"""The `warmstart` command: `load` (stream a checkpoint and report), `bench` (the
+side-by-side benchmark harness), `image` (chunked container images)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import time
+
+from warmstart.errors import WarmstartError
+
+SUBCOMMANDS = {
+    "bench": ("warmstart.benchmarks.harness", "benchmark warmstart against the loaders "
+              "people use today (embedded default: generated model + local S3 server)"),
+    "image": ("warmstart.imageformat.cli", "convert, push, pull, mount and inspect chunked "
+              "container images"),
+}
+
+
+def _load_command(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="warmstart load",
+        description="Stream a safetensors checkpoint (file, folder, index, or s3://) into "
+                    "memory and report the throughput.")
+    parser.add_argument("uri")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    parser.add_argument("--names", nargs="*", help="load only these tensors")
+    parser.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE",
+                        help="loader option, e.g. -o chunk_size=8MiB -o direct_io=auto "
+                             "(WARMSTART_* environment variables are read first)")
+    parser.add_argument("--json", action="store_true", help="print one JSON line")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+
+    from warmstart.loader import LoaderConfig, load
+
+    overrides = {}
+    for item in args.option:
+        key, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--option expects KEY=VALUE, got {item!r}")
+        overrides[key.strip()] = value.strip()
+    config = LoaderConfig.from_env(**overrides)
+    bar = None
+    if not args.no_progress and not args.json and sys.stderr.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(total=0, unit="B", unit_scale=True, desc="loading", file=sys.stderr)
+
+    def progress(done: int, total: int) -> None:
+        if bar is not None:
+            bar.total = total
+            bar.n = done
+            bar.refresh()
+
+    started = time.perf_counter()
+    tensors = load(args.uri, args.device, names=args.names, config=config, progress=progress)
+    seconds = time.perf_counter() - started
+    if bar is not None:
+        bar.close()
+    nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    result = {"uri": args.uri, "device": args.device, "tensors": len(tensors),
+              "bytes": nbytes, "seconds": round(seconds, 4),
+              "gb_per_s": round(nbytes / 1e9 / max(seconds, 1e-9), 3)}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"loaded {result['tensors']} tensors, {nbytes / 1e9:.3f} GB in {seconds:.3f} s "
+              f"({result['gb_per_s']} GB/s) to {args.device}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    usage = ("usage: warmstart {load,bench,image} ...\n\n"
+             "  load   stream a safetensors checkpoint into memory and report throughput\n"
+             + "".join(f"  {name:<6} {help_}\n" for name, (_, help_) in SUBCOMMANDS.items()))
+    if not argv or argv[0] in {"-h", "--help"}:
+        print(usage)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    try:
+        if command == "load":
+            return _load_command(rest)
+        if command in SUBCOMMANDS:
+            module = importlib.import_module(SUBCOMMANDS[command][0])
+            return int(module.main(rest) or 0)
+    except WarmstartError as exc:
+        print(f"warmstart {command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"warmstart {command}: interrupted", file=sys.stderr)
+        return 130
+    print(f"warmstart: unknown command {command!r}\n\n{usage}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
