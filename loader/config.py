@@ -69,18 +69,23 @@ class LoaderConfig:
     max_attempts: int = 5
     """Tries per chunk for transient storage errors (5xx, throttling, resets, short bodies)."""
     retry_base_delay: float = 0.1
+    """Seconds; the n-th retry waits a random time up to min(max, base * 2**n)."""
     retry_max_delay: float = 5.0
+    """Seconds; the cap on one backoff pause."""
     connect_timeout: float = 10.0
+    """Seconds to open a connection to the storage endpoint."""
     read_timeout: float = 60.0
     """Seconds without progress on one request before it counts as a transient failure."""
     s3_endpoint_url: str | None = None
     """Overrides AWS_ENDPOINT_URL / the AWS default endpoint."""
     s3_region: str | None = None
+    """Overrides AWS_DEFAULT_REGION / the profile's region."""
     s3_addressing_style: str = "auto"
     """'path', 'virtual' or 'auto' (path style when a custom endpoint is set)."""
     s3_data_path: str = "auto"
-    """'raw' (presigned URL, socket receive straight into the buffer), 'botocore', or 'auto'
-    (raw for http endpoints, botocore for https)."""
+    """'raw' (SigV4-signed ranged GETs received with recv_into straight into the buffer),
+    'botocore' (aiobotocore's streaming body), or 'auto' (raw for http://, botocore for
+    https:// endpoints)."""
 
     def __post_init__(self) -> None:
         self.validate()
