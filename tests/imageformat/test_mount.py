@@ -1,0 +1,190 @@
+"""Real FUSE mounts: bytes and metadata equal the source tree, nosuid/nodev/ro, EIO on a bad
+chunk while the rest keeps working, a program started from the mount, record/replay."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+from imageformat_rootfs import BLOB, snapshot
+
+from warmstart.imageformat._aio import run_sync
+from warmstart.imageformat.convert import convert, push
+from warmstart.imageformat.mount import spawn_mount, unmount
+from warmstart.imageformat.store import ImageStore, blob_key
+
+
+def fuse_usable() -> str | None:
+    if not os.path.exists("/dev/fuse"):
+        return "/dev/fuse does not exist"
+    if shutil.which("fusermount3") is None:
+        return "fusermount3 is not installed (Debian package 'fuse3')"
+    try:
+        import pyfuse3  # noqa: F401
+    except ImportError as exc:
+        return f"pyfuse3 is not importable: {exc}"
+    try:
+        os.close(os.open("/dev/fuse", os.O_RDWR))
+    except OSError as exc:
+        return f"/dev/fuse cannot be opened: {exc}"
+    return None
+
+
+pytestmark = pytest.mark.skipif(fuse_usable() is not None, reason=str(fuse_usable()))
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="chroot needs root")
+
+
+@contextlib.contextmanager
+def mounted(store: str, ref: str, tmp_path, *args: str, cache: str | None = None,
+            env: dict | None = None):
+    mnt = tmp_path / f"mnt-{time.monotonic_ns()}"
+    mnt.mkdir()
+    log = open(tmp_path / "mount.log", "ab")
+    proc = spawn_mount(store, ref, str(mnt), cache or str(tmp_path / "cache"), *args,
+                       env=env, stderr=log)
+    try:
+        yield str(mnt), proc
+    finally:
+        unmount(str(mnt), proc)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def image_store(py_rootfs, tmp_path_factory) -> str:
+    path = str(tmp_path_factory.mktemp("mountstore") / "store")
+    with ImageStore.open(path) as s:
+        convert(py_rootfs, s, "v1", blob_size=BLOB)
+    return path
+
+
+def test_mount_serves_every_file_and_its_metadata(image_store, py_rootfs, tmp_path):
+    with mounted(image_store, "v1", tmp_path) as (mnt, proc):
+        assert snapshot(mnt) == snapshot(py_rootfs)
+        flags = os.statvfs(mnt).f_flag
+        assert flags & os.ST_RDONLY and flags & os.ST_NOSUID and flags & os.ST_NODEV
+        assert os.stat(f"{mnt}/data/suid").st_mode & 0o4000  # kept as metadata
+        with pytest.raises(OSError) as err:
+            open(f"{mnt}/etc/os-release", "w")
+        assert err.value.errno == errno.EROFS
+        a, b = os.stat(f"{mnt}/data/random.bin"), os.stat(f"{mnt}/data/random-link.bin")
+        assert a.st_ino == b.st_ino and a.st_nlink == 2
+    assert proc.returncode == 0 and not os.path.ismount(mnt)
+
+
+def test_only_what_is_read_is_fetched_and_cached_once(image_store, tmp_path):
+    cache = str(tmp_path / "shared-cache")
+    with mounted(image_store, "v1", tmp_path, cache=cache) as (mnt, _):
+        with open(f"{mnt}/etc/os-release", "rb") as f:
+            assert b"warmstart test image" in f.read()
+    cached = [n for d in os.listdir(cache) for n in os.listdir(os.path.join(cache, d))]
+    assert len(cached) == 1  # one chunk fetched for one small file
+    with mounted(image_store, "v1", tmp_path, cache=cache) as (mnt, _):
+        # a second mount shares the cache: no new fetch for the same file
+        with open(f"{mnt}/etc/os-release", "rb") as f:
+            f.read()
+    assert len([n for d in os.listdir(cache) for n in os.listdir(os.path.join(cache, d))]) == 1
+
+
+def test_bad_chunk_gives_eio_and_the_mount_keeps_serving(py_rootfs, tmp_path):
+    store = str(tmp_path / "store")
+    with ImageStore.open(store) as s:
+        convert(py_rootfs, s, "v1", blob_size=BLOB)
+        image = s.open_image("v1")
+        victim = next(e for e in image.toc.entries if e.path == "data/zeros.bin")
+        loc = image.index.locations[victim.chunks[0].digest]
+
+        async def corrupt():
+            key = blob_key(loc.blob)
+            data = bytearray(await s.backend.get(key))
+            data[loc.offset + loc.csize // 2] ^= 0xFF
+            await s.backend.put(key, bytes(data))
+    with mounted(store, "v1", tmp_path) as (mnt, _):
+        with open(f"{mnt}/etc/os-release", "rb") as f:
+            before = f.read()
+        with ImageStore.open(store) as s:
+            run_sync(corrupt())
+        with pytest.raises(OSError) as err:
+            with open(f"{mnt}/data/zeros.bin", "rb") as f:
+                f.read()
+        assert err.value.errno == errno.EIO
+        with open(f"{mnt}/etc/os-release", "rb") as f:
+            assert f.read() == before
+        with open(f"{mnt}/data/random.bin", "rb") as f, \
+                open(f"{py_rootfs}/data/random.bin", "rb") as g:
+            assert f.read() == g.read()
+    log = (tmp_path / "mount.log").read_text()
+    assert victim.chunks[0].digest in log and "EIO" in log
+
+
+@needs_root
+def test_python_starts_from_a_lazy_mount(image_store, tmp_path):
+    with mounted(image_store, "v1", tmp_path) as (mnt, _):
+        r = subprocess.run(["chroot", mnt, "/usr/bin/python3", "-c",
+                            "import json, sys; print(json.dumps({'py': sys.version_info[:2]}))"],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout) == {"py": [3, 11]}
+
+
+@needs_root
+def test_record_then_prefetch_in_recorded_order(py_rootfs, tmp_path):
+    store = str(tmp_path / "store")
+    with ImageStore.open(store) as s:
+        convert(py_rootfs, s, "v1", blob_size=BLOB)
+    cmd = ["/usr/bin/python3", "-c", "import json; print('ok')"]
+    r = subprocess.run([sys.executable, "-m", "warmstart.imageformat.cli", "record", "v1",
+                        "--store", store, "--", *cmd], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    with ImageStore.open(store) as s:
+        image = s.open_image("v1")
+        assert image.profile is not None and image.profile.toc == image.toc_digest
+        profile = list(image.profile.chunks)
+        total = len(image.toc.unique_chunks())
+        assert 5 < len(profile) < total  # the start-up reads some, not all, of the image
+        other = ImageStore.open(str(tmp_path / "other"))
+        push(s, "v1", other, "v1")
+        assert other.open_image("v1").profile == image.profile  # travels with the image
+    cache = tmp_path / "cache"
+    with mounted(store, "v1", tmp_path, cache=str(cache)) as (mnt, _):
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            have = {n for d in cache.iterdir() if d.is_dir() for n in os.listdir(d)
+                    if not n.startswith(".")}
+            if have >= set(profile):
+                break
+            time.sleep(0.05)
+        assert have == set(profile)  # prefetched before anyone read, and nothing else
+        r = subprocess.run(["chroot", mnt, *cmd], capture_output=True, text=True, timeout=60)
+        assert r.stdout.strip() == "ok"
+    have = {n for d in cache.iterdir() if d.is_dir() for n in os.listdir(d)}
+    assert have == set(profile)  # the replayed start-up needed nothing beyond the profile
+
+
+def test_mount_from_s3_fetches_little_more_than_it_reads(py_rootfs, s3_servers, tmp_path):
+    from warmstart.imageformat.backends import S3Config
+    srv = s3_servers["localbucket"]
+    uri = f"s3://images/mount-{os.getpid()}"
+    with ImageStore.open(str(tmp_path / "local")) as src, \
+            ImageStore.open(uri, S3Config(srv.endpoint, srv.access_key, srv.secret_key)) as dst:
+        convert(py_rootfs, src, "v1", blob_size=BLOB)
+        push(src, "v1", dst, "v1")
+    env = {**os.environ, **srv.env()}
+    cache = tmp_path / "cache"
+    with mounted(uri, "v1", tmp_path, cache=str(cache), env=env) as (mnt, _):
+        with open(f"{mnt}/data/random.bin", "rb") as f:
+            f.seek(1 << 20)
+            part = f.read(100_000)
+    with open(f"{py_rootfs}/data/random.bin", "rb") as f:
+        f.seek(1 << 20)
+        assert part == f.read(100_000)
+    fetched = sum(p.stat().st_size for p in cache.rglob("*") if p.is_file())
+    # a 100 kB read costs at most a couple of chunks (max 1 MiB), never the 3 MiB file
+    assert 100_000 <= fetched <= 2 << 20
