@@ -57,6 +57,7 @@ def build(p: argparse.ArgumentParser) -> None:
     with_store(s, "--from")
     s.add_argument("--to", required=True)
     s.add_argument("--tag", help="tag in the destination (default: the source tag)")
+    s.add_argument("--blob-size", type=_size, default=64 << 20)
 
     q = sub.add_parser("pull", help="materialize the rootfs into a folder")
     q.add_argument("ref")
@@ -122,7 +123,8 @@ def run(args: argparse.Namespace) -> int:
         tag = args.tag or args.ref.split("@")[0]
         with _open(args.__dict__["from"]) as src, _open(args.to) as dst:
             bar, progress = _bar(0, "push")
-            res = push(src, args.ref, dst, tag, progress=progress)
+            res = push(src, args.ref, dst, tag, blob_size=args.blob_size,
+                       progress=progress)
             if bar:
                 bar.close()
         print(json.dumps(res.__dict__))
@@ -138,7 +140,8 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({"digest": image.digest, "dest": args.dest}))
     elif args.cmd == "mount":
         from .mount import MountOptions, serve
-        opts = MountOptions(args.cache, args.cache_size, not args.no_prefetch, record_path=args.record)
+        opts = MountOptions(args.cache, args.cache_size, not args.no_prefetch,
+                            record_path=args.record)
         with _open(args.store) as store:
             stats = serve(store, args.ref, args.mountpoint, opts)
         print(json.dumps(stats), file=sys.stderr)
