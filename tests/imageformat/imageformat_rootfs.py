@@ -78,6 +78,10 @@ def build_python_rootfs(root: str) -> None:
     with open(os.path.join(data, "suid"), "w") as f:
         f.write("#!/bin/sh\necho setuid\n")
     os.chmod(os.path.join(data, "suid"), 0o4755)
+    try:
+        os.setxattr(os.path.join(data, "zeros.bin"), "user.warmstart.note", b"\x00binary\xff")
+    except OSError:
+        pass  # the test folder's file system has no user xattrs; snapshots still compare
     os.chmod(os.path.join(data, "zeros.bin"), 0o640)
     os.symlink("../etc/os-release", os.path.join(data, "release-link"))
     os.makedirs(os.path.join(root, "tmp"))
@@ -133,6 +137,9 @@ def snapshot(root: str, mtimes: bool = True) -> dict:
                 inodes.setdefault((st.st_dev, st.st_ino), []).append(rel)
             elif stat.S_ISLNK(st.st_mode):
                 info.append(os.readlink(p))
+            if not stat.S_ISLNK(st.st_mode):
+                names = sorted(os.listxattr(p, follow_symlinks=False))
+                info.append({n: os.getxattr(p, n, follow_symlinks=False) for n in names})
             if mtimes and not stat.S_ISDIR(st.st_mode):
                 info.append(int(st.st_mtime))
             out[rel] = info
