@@ -216,6 +216,38 @@ class S3Backend:
             await cm.__aexit__(None, None, None)
 
 
+class ThrottledBackend:
+    """Wraps a backend to act like a slower network: one shared token bucket of
+    `bytes_per_s` for every read, plus `latency` seconds per request. For benchmarks and
+    tests; writes, listings and deletes pass through unthrottled."""
+
+    def __init__(self, inner, bytes_per_s: float, latency: float = 0.0) -> None:
+        if bytes_per_s <= 0:
+            raise ConfigError("throttle rate must be positive")
+        self.inner, self.rate, self.latency = inner, bytes_per_s, latency
+        self.uri = inner.uri
+        self._next_free = 0.0
+
+    async def _pay(self, n: int) -> None:
+        loop = asyncio.get_running_loop()
+        start = max(loop.time(), self._next_free)
+        self._next_free = start + n / self.rate
+        await asyncio.sleep(max(self._next_free - loop.time(), 0) + self.latency)
+
+    async def get(self, key: str) -> bytes:
+        data = await self.inner.get(key)
+        await self._pay(len(data))
+        return data
+
+    async def get_range(self, key: str, offset: int, length: int) -> bytes:
+        data = await self.inner.get_range(key, offset, length)
+        await self._pay(len(data))
+        return data
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+
 def open_backend(uri: str, s3: S3Config | None = None):
     if uri.startswith("s3://"):
         bucket, _, prefix = uri[5:].partition("/")

@@ -64,6 +64,8 @@ def build(p: argparse.ArgumentParser) -> None:
     q.add_argument("dest")
     with_store(q)
     q.add_argument("--concurrency", type=int, default=8)
+    q.add_argument("--throttle", type=_size, metavar="BYTES_PER_S",
+                   help="simulate a slower network (benchmarks), e.g. 150M")
 
     m = sub.add_parser("mount", help="lazy read-only FUSE mount (foreground)")
     m.add_argument("ref")
@@ -73,6 +75,8 @@ def build(p: argparse.ArgumentParser) -> None:
     m.add_argument("--cache-size", type=_size, default=8 << 30)
     m.add_argument("--no-prefetch", action="store_true")
     m.add_argument("--record", metavar="FILE", help="write the chunks read as a profile")
+    m.add_argument("--throttle", type=_size, metavar="BYTES_PER_S",
+                   help="simulate a slower network (benchmarks), e.g. 150M")
 
     r = sub.add_parser("record", help="run a start-up in the image and store its profile",
                        usage="warmstart image record REF [options] -- CMD [ARGS...]")
@@ -102,10 +106,11 @@ def _bar(total: int, desc: str):
     return bar, bar.update
 
 
-def _open(uri: str):
+def _open(uri: str, throttle: int | None = None):
     from .backends import S3Config
     from .store import ImageStore
-    return ImageStore.open(uri, S3Config.from_env() if uri.startswith("s3://") else None)
+    return ImageStore.open(uri, S3Config.from_env() if uri.startswith("s3://") else None,
+                           throttle)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -130,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(res.__dict__))
     elif args.cmd == "pull":
         from .pull import pull
-        with _open(args.store) as store:
+        with _open(args.store, args.throttle) as store:
             size = sum(e.size for e in store.open_image(args.ref).toc.entries)
             bar, progress = _bar(size, "pull")
             image = pull(store, args.ref, args.dest, concurrency=args.concurrency,
@@ -142,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
         from .mount import MountOptions, serve
         opts = MountOptions(args.cache, args.cache_size, not args.no_prefetch,
                             record_path=args.record)
-        with _open(args.store) as store:
+        with _open(args.store, args.throttle) as store:
             stats = serve(store, args.ref, args.mountpoint, opts)
         print(json.dumps(stats), file=sys.stderr)
     elif args.cmd == "record":

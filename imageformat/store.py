@@ -17,7 +17,7 @@ import zstandard
 from warmstart.errors import (DigestMismatch, ImageFormatError, IntegrityError, NotFound)
 
 from ._aio import run_sync
-from .backends import S3Config, open_backend
+from .backends import S3Config, ThrottledBackend, open_backend
 from .manifest import (check_digest_string, encode_manifest, parse_chunk_index,
                        parse_manifest, parse_profile, sha256_digest, verify_digest)
 from .model import (ANNOTATION_REF, MAX_INDEX_BYTES, MAX_MANIFEST_BYTES, MAX_PROFILE_BYTES,
@@ -65,8 +65,13 @@ class ImageStore:
         self.uri = backend.uri
 
     @classmethod
-    def open(cls, uri: str, s3: S3Config | None = None) -> "ImageStore":
-        return cls(open_backend(uri, s3))
+    def open(cls, uri: str, s3: S3Config | None = None,
+             throttle: float | None = None) -> "ImageStore":
+        """`throttle` (bytes/s) simulates a slower network for benchmarks."""
+        backend = open_backend(uri, s3)
+        if throttle:
+            backend = ThrottledBackend(backend, throttle)
+        return cls(backend)
 
     def close(self) -> None:
         run_sync(self.backend.close())

@@ -109,3 +109,18 @@ def test_plan_ranges_coalesces_neighbours_per_blob():
     assert [off for _, off in plan[1].chunks] == [0, 100, 150]
     small = plan_ranges(chunks, locs, max_gap=1000, max_len=120)
     assert len(small) == 4
+
+
+def test_throttled_backend_limits_the_rate(tmp_path):
+    from warmstart.imageformat._aio import run_sync
+    from warmstart.imageformat.backends import LocalBackend, ThrottledBackend
+    inner = LocalBackend(str(tmp_path))
+    run_sync(inner.put("k", os.urandom(1 << 20)))
+    slow = ThrottledBackend(inner, 4 << 20)  # 4 MiB/s
+
+    async def four_reads():
+        import asyncio
+        await asyncio.gather(*(slow.get_range("k", i << 18, 1 << 18) for i in range(4)))
+    t = time.monotonic()
+    run_sync(four_reads())
+    assert 0.2 <= time.monotonic() - t < 2.0  # 1 MiB at 4 MiB/s, shared by all readers
