@@ -7,8 +7,9 @@ import os
 import shutil
 
 import pytest
+from imageformat_helpers import run
 
-from imageformat_rootfs import build_python_rootfs, have_system_python, make_v2, run
+from warmstart.imageformat.testimage import build_python_rootfs, have_system_python, make_v2
 
 @pytest.fixture(scope="session")
 def py_rootfs(tmp_path_factory):

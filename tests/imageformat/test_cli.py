@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from imageformat_rootfs import snapshot
+from imageformat_helpers import snapshot
 
 from warmstart.cli import main
 

@@ -7,7 +7,7 @@ import os
 import tarfile
 
 import pytest
-from imageformat_rootfs import BLOB, snapshot
+from imageformat_helpers import BLOB, snapshot
 
 from warmstart.errors import DigestMismatch, UnsafeEntry
 from warmstart.imageformat.convert import convert

@@ -13,7 +13,7 @@ import sys
 import time
 
 import pytest
-from imageformat_rootfs import BLOB, snapshot
+from imageformat_helpers import BLOB, snapshot
 
 from warmstart.imageformat._aio import run_sync
 from warmstart.imageformat.convert import convert, push

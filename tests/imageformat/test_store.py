@@ -4,7 +4,7 @@ push with deduplication, pull, tags, garbage collection and tamper detection."""
 from __future__ import annotations
 
 import pytest
-from imageformat_rootfs import BLOB, snapshot
+from imageformat_helpers import BLOB, snapshot
 
 from warmstart.errors import DigestMismatch, NotFound
 from warmstart.imageformat._aio import run_sync

@@ -1,12 +1,14 @@
-"""Build small test root filesystems offline from this machine's Debian python3.11."""
+"""Build test and benchmark root filesystems offline from this machine's Debian python3.11.
+
+Shared by tests/imageformat and benchmarks/image_bench.py; never used by the runtime.
+"""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
-import stat
 import subprocess
+import sys
 
 PY = "/usr/bin/python3.11"
 STDLIB = "/usr/lib/python3.11"
@@ -113,39 +115,54 @@ def _prng_bytes(n: int, seed: int) -> bytes:
     return random.Random(seed).randbytes(n)
 
 
-BLOB = 2 << 20  # small blobs so the test images span several
+SKIP_STDLIB = ("test", "idlelib", "tkinter", "turtledemo", "ensurepip", "__pycache__",
+               "config-3.11-x86_64-linux-gnu")
 
 
-def run(*cmd: str, timeout: float = 120) -> None:
-    subprocess.run(cmd, check=True, capture_output=True, timeout=timeout)
+def add_full_stdlib(root: str) -> None:
+    """Copies every stdlib package folder (not only the few the small image has)."""
+    for name in sorted(os.listdir(STDLIB)):
+        src = os.path.join(STDLIB, name)
+        if os.path.isdir(src) and not os.path.islink(src) and name not in SKIP_STDLIB:
+            shutil.copytree(src, os.path.join(root, STDLIB.lstrip("/"), name),
+                            dirs_exist_ok=True, symlinks=True,
+                            ignore=shutil.ignore_patterns("__pycache__", "tests", "test"))
 
 
-def snapshot(root: str, mtimes: bool = True) -> dict:
-    """Every entry under root: type, mode, owner, size, content hash / link target, mtime,
-    and which hard-link group it belongs to."""
-    out, inodes = {}, {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in sorted(dirnames + filenames) + ([""] if dirpath == root else []):
-            p = os.path.join(dirpath, name) if name else dirpath
-            rel = os.path.relpath(p, root)
-            st = os.lstat(p)
-            kind = stat.S_IFMT(st.st_mode)
-            info = [kind, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid]
-            if stat.S_ISREG(st.st_mode):
-                with open(p, "rb") as f:
-                    info += [st.st_size, hashlib.sha256(f.read()).hexdigest()]
-                inodes.setdefault((st.st_dev, st.st_ino), []).append(rel)
-            elif stat.S_ISLNK(st.st_mode):
-                info.append(os.readlink(p))
-            if not stat.S_ISLNK(st.st_mode):
-                names = sorted(os.listxattr(p, follow_symlinks=False))
-                info.append({n: os.getxattr(p, n, follow_symlinks=False) for n in names})
-            if mtimes and not stat.S_ISDIR(st.st_mode):
-                info.append(int(st.st_mtime))
-            out[rel] = info
-    for paths in inodes.values():
-        for p in paths:
-            out[p].append(sorted(paths)[0] if len(paths) > 1 else None)
-    return out
+def add_site_packages(root: str, names: list[str]) -> None:
+    """Copies packages (e.g. numpy, numpy.libs, torch) of the running interpreter into the
+    image's /usr/lib/python3/dist-packages (same CPython minor version as the image)."""
+    import sysconfig
+    site = sysconfig.get_paths()["purelib"]
+    dest = os.path.join(root, "usr/lib/python3/dist-packages")
+    os.makedirs(dest, exist_ok=True)
+    for name in names:
+        src = os.path.join(site, name)
+        if os.path.isdir(src):
+            shutil.copytree(src, os.path.join(dest, name), symlinks=True,
+                            ignore=shutil.ignore_patterns("__pycache__"))
+        elif os.path.isfile(src):
+            shutil.copy2(src, dest)
+        else:
+            print(f"warning: {name} not found in {site}", file=sys.stderr)
 
 
+def add_shared_libs(root: str) -> None:
+    """Copies the system libraries every extension module in the image links against
+    (libstdc++, libgcc_s, ...) when the image lacks them."""
+    wanted: set[str] = set()
+    for dirpath, _, files in os.walk(os.path.join(root, "usr/lib/python3")):
+        for name in files:
+            if ".so" in name:
+                try:
+                    wanted.update(_libs(os.path.join(dirpath, name)))
+                except subprocess.CalledProcessError:
+                    continue
+    for lib in sorted(wanted):
+        if lib.startswith(("/lib/", "/usr/lib/", "/lib64/")) and "site-packages" not in lib:
+            rel = lib.lstrip("/")
+            rel = "usr/" + rel if rel.startswith(("lib/", "lib64/")) else rel
+            dest = os.path.join(root, rel)
+            if not os.path.exists(dest):
+                os.makedirs(os.path.dirname(dest), exist_ok=True)
+                shutil.copy2(os.path.realpath(lib), dest)
