@@ -19,7 +19,7 @@ from warmstart.loader.copy import CudaCopyEngine, HostCopyEngine
 from warmstart.loader.header import DTYPES
 from warmstart.loader.memory import HostRing, host_tensor
 from warmstart.loader.pipeline import Destination, execute
-from warmstart.loader.plan import plan_reads
+from warmstart.loader.plan import direct_readable, plan_reads
 
 log = logging.getLogger("warmstart.loader")
 Progress = Callable[[int, int], None]
@@ -63,13 +63,18 @@ async def astream(uri: str, device: str | torch.device = "cpu", *,
         # once no worker thread can still be reading from them.
         inner = await stack.enter_async_context(AsyncExitStack())
         ckpt = await open_checkpoint(uri, cfg, checkpoint_executor, inner)
+        # CPU: reads land in the destination, O_DIRECT ones at file-congruent offsets;
+        # GPU, forced staging, or O_DIRECT on odd-offset files: through the host ring.
+        aligns = [f.source.alignment for f in ckpt.files]
+        staged = dev.type == "cuda" or cfg.staged or any(
+            a > 1 and not direct_readable(f.header) for a, f in zip(aligns, ckpt.files))
         plan = plan_reads([f.header for f in ckpt.files], names, chunk_size=cfg.chunk_size,
-                          group_size=cfg.group_size, gap_size=cfg.gap_size)
+                          group_size=cfg.group_size, gap_size=cfg.gap_size,
+                          read_align=None if staged else aligns)
         backend = ckpt.files[0].source.backend if ckpt.files else "local"
         concurrency = cfg.read_concurrency(backend)
         ring = engine = None
-        direct = any(f.source.alignment > 1 for f in ckpt.files)
-        if dev.type == "cuda" or direct or cfg.staged:
+        if staged:
             engine = (CudaCopyEngine(dev.index) if dev.type == "cuda" else HostCopyEngine())
             stack.callback(engine.close)
             slots = max(2, min(cfg.ring_slots, len(plan.chunks)))

@@ -91,8 +91,9 @@ class LoaderConfig:
         self.validate()
 
     def validate(self) -> None:
-        if self.chunk_size < 4096:
-            raise ConfigError(f"chunk_size must be at least 4096 bytes, got {self.chunk_size}")
+        if self.chunk_size < 4096 or self.chunk_size % 4096:
+            raise ConfigError(f"chunk_size must be a multiple of 4096 bytes, got "
+                              f"{self.chunk_size}")
         if self.memory_budget < 2 * self.chunk_size:
             raise ConfigError(
                 f"memory_budget ({self.memory_budget}) must hold at least two chunks of "

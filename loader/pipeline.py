@@ -84,9 +84,13 @@ async def execute(plan: ReadPlan, sources: Sequence[Source], dest: Destination, 
         try:
             buf = dest.buffer(chunk.group)
             source = sources[chunk.file]
-            if ring is None:
-                target: Target = tensor_target(buf).sub(chunk.dest, chunk.length)
-                await source.read_into(chunk.offset, target)
+            if ring is None:  # straight into the destination, widened to the alignment
+                a = source.alignment
+                start = _align_down(chunk.offset, a)
+                end = -(-(chunk.offset + chunk.length) // a) * a
+                target: Target = tensor_target(buf).sub(chunk.dest - (chunk.offset - start),
+                                                        end - start)
+                await source.read_into(start, target)
             else:
                 await _read_staged(source, chunk, ring, engine, buf.data_ptr() + chunk.dest)
             if on_progress is not None:

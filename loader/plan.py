@@ -94,24 +94,30 @@ def select(headers: Sequence[Header], names: Iterable[str] | None) -> list[list[
 
 
 def plan_reads(headers: Sequence[Header], names: Iterable[str] | None, *, chunk_size: int,
-               group_size: int, gap_size: int) -> ReadPlan:
+               group_size: int, gap_size: int,
+               read_align: Sequence[int] | None = None) -> ReadPlan:
+    """`read_align[f]` > 1 plans file f for reads straight into the destination at that
+    alignment (O_DIRECT): each extent sits at a destination offset congruent to its file
+    offset, with room before and after for the aligned read's spill-over, and chunks start
+    on aligned file offsets. The pipeline widens each read to the alignment."""
     tensors: list[PlannedTensor] = []
     groups: list[Group] = []
     chunks: list[Chunk] = []
     for file_index, (header, wanted) in enumerate(zip(headers, select(headers, names))):
         for members in _split_groups(wanted, group_size):
             group_index = len(groups)
-            extents, offsets = _layout(header, members, gap_size)
+            align = read_align[file_index] if read_align else 1
+            extents, offsets = _layout(header, members, gap_size, align)
             first_tensor = len(tensors)
             tensors.extend(
                 PlannedTensor(t.name, t.dtype, t.shape, file_index, group_index, off,
                               t.nbytes, 0)
                 for t, off in zip(members, offsets))
-            group_bytes = max((e.dest_start + e.src_end - e.src_start for e in extents),
-                              default=0)
+            group_bytes = _align(max((e.dest_start + e.src_end - e.src_start
+                                      for e in extents), default=0), align)
             groups.append(Group(group_index, file_index, group_bytes,
                                 tuple(range(first_tensor, len(tensors)))))
-            _cut_chunks(extents, file_index, group_index, chunk_size, tensors,
+            _cut_chunks(extents, file_index, group_index, chunk_size, align, tensors,
                         first_tensor, chunks)
     counts = [0] * len(tensors)
     for c in chunks:
@@ -119,6 +125,12 @@ def plan_reads(headers: Sequence[Header], names: Iterable[str] | None, *, chunk_
             counts[t] += 1
     tensors = [PlannedTensor(**{**t.__dict__, "chunks": n}) for t, n in zip(tensors, counts)]
     return ReadPlan(tuple(tensors), tuple(groups), tuple(chunks))
+
+
+def direct_readable(header: Header) -> bool:
+    """Whether every tensor's file offset suits its dtype, as reads straight into a
+    file-congruent destination require (true of files written by safetensors)."""
+    return all((header.data_start + t.begin) % t.itemsize == 0 for t in header.tensors)
 
 
 def _split_groups(wanted: list[TensorEntry], group_size: int) -> list[list[TensorEntry]]:
@@ -137,8 +149,8 @@ def _split_groups(wanted: list[TensorEntry], group_size: int) -> list[list[Tenso
     return out
 
 
-def _layout(header: Header, members: list[TensorEntry],
-            gap_size: int) -> tuple[list[_Extent], list[int]]:
+def _layout(header: Header, members: list[TensorEntry], gap_size: int,
+            align: int) -> tuple[list[_Extent], list[int]]:
     """Extents mirroring the file, and each member's offset in the group buffer."""
     extents: list[_Extent] = []
     offsets: list[int] = []
@@ -153,20 +165,27 @@ def _layout(header: Header, members: list[TensorEntry],
                 ext.src_end = max(ext.src_end, end)
                 offsets.append(mirrored)
                 continue
-        dest = _align(extents[-1].dest_start + extents[-1].src_end - extents[-1].src_start,
-                      GROUP_ALIGN) if extents else 0
+        used = (extents[-1].dest_start + extents[-1].src_end - extents[-1].src_start
+                if extents else 0)
+        if align > 1:  # congruent to the file offset; the previous spill-over ends at used
+            dest = _align(used, align) + start % align
+        else:
+            dest = _align(used, GROUP_ALIGN)
         extents.append(_Extent(start, end, dest))
         offsets.append(dest)
     return extents, offsets
 
 
 def _cut_chunks(extents: list[_Extent], file_index: int, group_index: int, chunk_size: int,
-                tensors: list[PlannedTensor], first_tensor: int, out: list[Chunk]) -> None:
+                align: int, tensors: list[PlannedTensor], first_tensor: int,
+                out: list[Chunk]) -> None:
     members = tensors[first_tensor:]
     starts = [t.offset for t in members]  # ascending: members are in file order
     for ext in extents:
-        for src in range(ext.src_start, ext.src_end, chunk_size):
-            length = min(chunk_size, ext.src_end - src)
+        first = ext.src_start // align * align  # chunk boundaries on aligned file offsets
+        for boundary in range(first, ext.src_end, chunk_size):
+            src = max(boundary, ext.src_start)
+            length = min(boundary + chunk_size, ext.src_end) - src
             dest = ext.dest_start + (src - ext.src_start)
             # tensors whose [offset, offset + nbytes) overlaps [dest, dest + length)
             lo = max(0, bisect.bisect_right(starts, dest) - 1)

@@ -79,3 +79,26 @@ def test_empty_tensors_need_no_chunks():
                       gap_size=0)
     counts = {t.name: t.chunks for t in plan.tensors}
     assert counts == {"e": 0, "s": 1}
+
+
+@pytest.mark.parametrize("names", [None, ["t1", "t4", "t5"]])
+def test_aligned_reads_spill_only_into_slack(names):
+    """With read_align, a chunk widened to 4 KiB boundaries writes file bytes around its own
+    range; those extra bytes must land inside the group buffer and on no tensor's bytes."""
+    a = 4096
+    h = header_of(save(tensors(n=8, size=3000)))
+    plan = plan_reads([h], names, chunk_size=2 * a, group_size=1 << 30, gap_size=0,
+                      read_align=[a])
+    for c in plan.chunks:
+        start = c.offset // a * a
+        end = -(-(c.offset + c.length) // a) * a
+        lo, hi = c.dest - (c.offset - start), c.dest - (c.offset - start) + (end - start)
+        assert lo % a == (start % a) and 0 <= lo and hi <= plan.groups[c.group].nbytes
+        for t in plan.tensors:
+            if t.group != c.group:
+                continue
+            for s0, s1 in ((lo, c.dest), (c.dest + c.length, hi)):  # the spill-over
+                assert s0 == s1 or s1 <= t.offset or s0 >= t.offset + t.nbytes, (c, t)
+    for t in plan.tensors:  # mirrored: destination congruent to the file offset
+        src = h.data_start + next(x.begin for x in h.tensors if x.name == t.name)
+        assert t.offset % a == src % a
