@@ -129,19 +129,26 @@ class _Resolver:
         raw = await index_source.read(0, await index_source.size())
         index = parse_index(raw, index_source.name)
         base = posixpath.dirname(index_source.name)
-        sources = []
-        for shard in index.shards:
+
+        async def open_shard(shard: str) -> Source:
             location = posixpath.join(base, shard)
             try:
-                if location.startswith("s3://"):
-                    source = await self.s3(S3Uri.parse(location))
-                    await source.size()
-                else:
-                    source = self.local(location)
+                if not location.startswith("s3://"):
+                    return self.local(location)
+                source = await self.s3(S3Uri.parse(location), sizes.get(location))
+                await source.size()  # a HEAD only when the listing did not have it
+                return source
             except NotFound as exc:
                 raise NotFound(errno.ENOENT, f"{index_source.name}: shard {shard!r} is missing "
                                              f"({exc})") from exc
-            sources.append(source)
+
+        sizes: dict[str, int] = {}
+        if base.startswith("s3://") and self._s3 is not None:
+            # one LIST gives every shard's size, instead of a HEAD per shard
+            uri = S3Uri.parse(base + "/")
+            sizes = {f"s3://{uri.bucket}/{key}": size
+                     for key, size in await self._s3.list(uri.bucket, uri.key)}
+        sources = list(await asyncio.gather(*(open_shard(s) for s in index.shards)))
         return sources, index
 
 
