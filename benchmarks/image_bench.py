@@ -4,7 +4,7 @@
 
 Builds a Python + numpy (or + torch, for a >= 1 GB image) rootfs offline from this machine,
 packs it into an OCI layout with umoci, converts it, pushes it to a local S3 server
-(localbucket) and then, per run and per network setting (throttled with a token bucket, and
+(nanio by default) and then, per run and per network setting (throttled with a token bucket, and
 unthrottled), measures the time from the command to the first successful
 `python3 -c "import numpy"` inside the image:
 
@@ -48,9 +48,9 @@ def sh(*cmd: str, env=None, timeout: float = 900) -> subprocess.CompletedProcess
                           timeout=timeout)
 
 
-def build_image(work: str, torch: bool) -> tuple[str, str, dict]:
-    """Rootfs -> OCI layout (v1, and v2 with a few files changed). Returns layout, start
-    command module, and facts about the v2 change."""
+def build_image(work: str, torch: bool) -> tuple[str, dict]:
+    """Rootfs -> OCI layout (v1, and v2 with a few files changed). Returns the layout and
+    facts about the v2 change."""
     root = os.path.join(work, "rootfs")
     testimage.build_python_rootfs(root)
     testimage.add_full_stdlib(root)
@@ -80,7 +80,7 @@ def build_image(work: str, torch: bool) -> tuple[str, str, dict]:
     comp = zstandard.ZstdCompressor(level=3)
     change = {"changed_files": len(changed), "changed_bytes": sum(map(len, changed)),
               "changed_bytes_zstd": sum(len(comp.compress(c)) for c in changed)}
-    return layout, "torch" if torch else "numpy", change
+    return layout, change
 
 
 def layer_bytes(layout: str, tag: str) -> int:
@@ -147,7 +147,7 @@ def render(results: dict, path: str) -> None:
         rows.setdefault((s["throttle"], s["mode"]), []).append(s)
     lines = ["# Image benchmark results", "",
              f"Image: {results['image']}; runs per cell: {results['runs']}; machine: "
-             f"{os.cpu_count()} cores. Median seconds from command to a successful "
+             f"{os.cpu_count()} cores; S3 server: {results['server']}. Median seconds from command to a successful "
              f"`import {results['module']}` inside the image.", "",
              "| network | mode | median s | vs full pull | bytes fetched / read |",
              "|---|---|---|---|---|"]
@@ -178,21 +178,27 @@ def render(results: dict, path: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--torch", action="store_true", help="add torch: a >= 1 GB image")
+    ap.add_argument("--start-module", default="numpy",
+                    help="the start-up measured is `python3 -c 'import MODULE'`")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--throttle", type=_size, default=150_000_000)
     ap.add_argument("--out", default="bench-out/image")
     ap.add_argument("--results", default=None, help="markdown file (default: OUT/RESULTS.md)")
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--server", default="nanio", choices=("nanio", "localbucket"),
+                    help="local S3 server (localbucket answers small ranged GETs from "
+                         "aiobotocore ~40 ms late: a Nagle/delayed-ACK artifact)")
     args = ap.parse_args(argv)
     from warmstart.testing.s3server import start_server
     os.makedirs(args.out, exist_ok=True)
     work = tempfile.mkdtemp(prefix="warmstart-image-bench-", dir=args.workdir)
-    server = start_server("localbucket")
+    server = start_server(args.server)
     try:
         server.create_bucket("images")
         env = {**os.environ, **server.env()}
         cfg = S3Config(server.endpoint, server.access_key, server.secret_key)
-        layout, module, change = build_image(work, args.torch)
+        layout, change = build_image(work, args.torch)
+        module = args.start_module
         local_uri, s3 = os.path.join(work, "store"), "s3://images/bench"
         with ImageStore.open(local_uri) as local, ImageStore.open(s3, cfg) as remote:
             t0 = time.perf_counter()
@@ -204,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
             push(local, "v1", remote, "v1p")
             p2 = push(local, "v2", remote, "v2")
         sh(*CLI, "record", "v1p", "--store", s3, "--", *start_cmd(module), env=env)
-        results = {"image": f"python3.11 + {module}", "module": module, "runs": args.runs,
+        results = {"image": "python3.11 + numpy" + (" + torch" if args.torch else ""), "module": module, "runs": args.runs,
+                   "server": args.server,
                    "layer_bytes": layer_bytes(layout, "v1"), "samples": [],
                    "convert": {"seconds": conv_s,
                                "file_bytes": sum(e.size for e in img.toc.entries),

@@ -188,3 +188,23 @@ def test_mount_from_s3_fetches_little_more_than_it_reads(py_rootfs, s3_servers, 
     fetched = sum(p.stat().st_size for p in cache.rglob("*") if p.is_file())
     # a 100 kB read costs at most a couple of chunks (max 1 MiB), never the 3 MiB file
     assert 100_000 <= fetched <= 2 << 20
+
+
+@needs_root
+def test_device_nodes_are_metadata_only_under_nodev(tmp_path):
+    root = tmp_path / "root"
+    (root / "dev").mkdir(parents=True)
+    os.mknod(root / "dev/null", 0o666 | 0o020000, os.makedev(1, 3))
+    (root / "suid").write_bytes(b"#!/bin/sh\n")
+    os.chmod(root / "suid", 0o6755)
+    store = str(tmp_path / "store")
+    with ImageStore.open(store) as s:
+        convert(str(root), s, "dev")
+        entry = next(e for e in s.open_image("dev").toc.entries if e.path == "dev/null")
+        assert (entry.type, entry.devmajor, entry.devminor) == ("char", 1, 3)
+    with mounted(store, "dev", tmp_path) as (mnt, _):
+        st = os.stat(f"{mnt}/dev/null")
+        assert (os.major(st.st_rdev), os.minor(st.st_rdev)) == (1, 3)
+        assert os.stat(f"{mnt}/suid").st_mode & 0o6000 == 0o6000
+        with pytest.raises(PermissionError):
+            open(f"{mnt}/dev/null", "rb")  # nodev: the node cannot be used
