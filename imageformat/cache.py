@@ -18,7 +18,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from warmstart.errors import ConfigError
+from warmstart.errors import ConfigError, DigestMismatch
 
 from .model import Chunk
 
@@ -99,7 +99,7 @@ class ChunkCache:
             if data is None:
                 data = fetch(chunk)
                 if len(data) != chunk.size or hashlib.sha256(data).hexdigest() != d:
-                    raise AssertionError(f"fetch returned unverified bytes for chunk {d}")
+                    raise DigestMismatch(f"chunk {d}: fetched bytes do not match its digest")
                 self._store(d, data)
                 with self.lock:
                     self.stats.misses += 1

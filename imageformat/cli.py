@@ -51,6 +51,7 @@ def build(p: argparse.ArgumentParser) -> None:
     c.add_argument("--tag", required=True)
     c.add_argument("--blob-size", type=_size, default=64 << 20)
     c.add_argument("--level", type=int, default=3, help="zstd level")
+    c.add_argument("--workdir", help="where layers are decompressed (default: $TMPDIR)")
 
     s = sub.add_parser("push", help="copy an image to another store, uploading only new chunks")
     s.add_argument("ref")
@@ -119,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
         bar, progress = _bar(0, "convert")
         with _open(args.store) as store:
             res = convert(args.source, store, args.tag, blob_size=args.blob_size,
-                          level=args.level, progress=progress)
+                          level=args.level, progress=progress, workdir=args.workdir)
         if bar:
             bar.close()
         print(json.dumps(res.__dict__))

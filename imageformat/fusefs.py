@@ -118,7 +118,7 @@ class ImageFS(pyfuse3.Operations):
         return inode
 
     async def readdir(self, fh, start_id, token):
-        kids = self.children.get(fh, [])
+        kids = [(b".", fh), (b"..", self.parent.get(fh, 1))] + self.children.get(fh, [])
         for i in range(start_id, len(kids)):
             name, ino = kids[i]
             if not pyfuse3.readdir_reply(token, name, self.attrs(ino), i + 1):

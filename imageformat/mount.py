@@ -35,7 +35,7 @@ from .store import Image, ImageStore
 log = logging.getLogger("warmstart.imageformat")
 
 MOUNT_OPTIONS = ("fsname=warmstart", "subtype=warmstart", "ro", "nosuid", "nodev",
-                 "allow_other", "default_permissions")
+                 "default_permissions")
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,10 @@ def serve(store: ImageStore, ref: str, mountpoint: str, opts: MountOptions) -> d
     cache = ChunkCache(opts.cache_dir, opts.cache_bytes)
     fs = ImageFS(image.toc.entries, cache, _fetcher(store, image, opts.fetch_timeout),
                  record=opts.record_path is not None, threads=opts.threads)
-    pyfuse3.init(fs, mountpoint, set(MOUNT_OPTIONS))
+    options = set(MOUNT_OPTIONS)
+    if os.geteuid() == 0:
+        options.add("allow_other")  # containers run as other users; non-root needs fuse.conf
+    pyfuse3.init(fs, mountpoint, options)
     stop = threading.Event()
     if opts.prefetch and image.profile is not None and opts.record_path is None:
         chunks = {c.digest: c for c in image.toc.unique_chunks()}

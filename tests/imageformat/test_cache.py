@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from warmstart.errors import DigestMismatch
 from warmstart.imageformat.cache import ChunkCache
 from warmstart.imageformat.model import Chunk, Location
 from warmstart.imageformat.pull import plan_ranges
@@ -67,7 +68,7 @@ def test_failed_fetch_reaches_every_waiter_and_is_not_cached(tmp_path):
 
 def test_wrong_bytes_from_fetch_are_never_cached(tmp_path):
     cache = ChunkCache(str(tmp_path))
-    with pytest.raises(AssertionError, match="unverified"):
+    with pytest.raises(DigestMismatch, match="do not match"):
         cache.get(chunk_of(b"good"), lambda ch: b"evil")
     assert not any(p.is_file() for p in tmp_path.rglob("*"))
 
