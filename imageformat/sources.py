@@ -137,7 +137,7 @@ def oci_layers(layout: str, ref: str | None, workdir: str) -> list[str]:
 
 def docker_archive_layers(archive: str, ref: str | None, workdir: str) -> list[str]:
     """Decompresses the layers of a `docker save` / skopeo docker-archive tar into workdir."""
-    with tarfile.open(archive, "r:") as tf:
+    with tarfile.open(archive, "r:*") as tf:
         try:
             raw = tf.extractfile("manifest.json")
         except KeyError:
