@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import os
 import tempfile
+import threading
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -68,6 +71,46 @@ class BlobPacker:
         self.pending.clear()
 
 
+class OrderedCompressor:
+    """Compresses chunks on a few threads (zstd releases the GIL) and hands the frames to
+    the packer in submission order, so the output stays deterministic."""
+
+    def __init__(self, packer: BlobPacker, level: int, threads: int | None = None,
+                 window: int = 64) -> None:
+        self.packer, self.window = packer, window
+        self.local = threading.local()
+        self.level = level
+        self.pool = ThreadPoolExecutor(threads or min(os.cpu_count() or 1, 8),
+                                       thread_name_prefix="warmstart-zstd")
+        self.pending: deque[tuple[str, Future]] = deque()
+
+    def _compress(self, piece: bytes) -> bytes:
+        zc = getattr(self.local, "zc", None)
+        if zc is None:
+            zc = self.local.zc = zstandard.ZstdCompressor(level=self.level)
+        return zc.compress(piece)
+
+    def add(self, digest: str, piece: bytes) -> None:
+        self.pending.append((digest, self.pool.submit(self._compress, piece)))
+        while len(self.pending) > self.window:
+            self._drain_one()
+
+    def _drain_one(self) -> None:
+        digest, fut = self.pending.popleft()
+        self.packer.add(digest, fut.result())
+
+    def close(self) -> None:
+        try:
+            while self.pending:
+                self._drain_one()
+        finally:
+            self.abort()
+
+    def abort(self) -> None:
+        self.pending.clear()
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
 def _finish(store: ImageStore, toc: TOC, used: dict[str, Location], sizes: dict[str, int],
             name: str | None, stats: tuple[int, int, int], profile=None) -> Result:
     check_tree(toc.entries)
@@ -114,6 +157,23 @@ def build_tree(source: str, workdir: str, kind: str | None = None) -> Tree:
     return tree
 
 
+def _file_chunks(node, chunking: Chunking, used: dict, known: dict,
+                 compressor: OrderedCompressor, progress: Progress | None) -> list[Chunk]:
+    """Chunks one regular file; new chunks go to the compressor, known ones are reused."""
+    chunks: list[Chunk] = []
+    with open(node.data[0], "rb") as f:
+        f.seek(node.data[1])
+        for digest, piece in iter_chunks(f, node.size, chunking):
+            chunks.append(Chunk(digest, len(piece)))
+            if digest not in used:
+                used[digest] = known.get(digest)
+                if used[digest] is None:
+                    compressor.add(digest, piece)
+            if progress:
+                progress(len(piece))
+    return chunks
+
+
 def convert(source: str, store: ImageStore, name: str | None, *, kind: str | None = None,
             chunking: Chunking = Chunking(), blob_size: int = BLOB_SIZE, level: int = 3,
             progress: Progress | None = None, workdir: str | None = None) -> Result:
@@ -121,38 +181,29 @@ def convert(source: str, store: ImageStore, name: str | None, *, kind: str | Non
         tree = build_tree(source, tmp, kind)
         known, sizes = run_sync(store.known_chunks())
         packer = BlobPacker(store, blob_size)
-        zc = zstandard.ZstdCompressor(level=level)
+        compressor = OrderedCompressor(packer, level)
         used: dict[str, Location | None] = {}
-        reused = new = 0
         entries = []
-        for path in tree.sorted_paths():
-            n = tree.nodes[path]
-            chunks: list[Chunk] = []
-            if n.type == "reg" and n.size:
-                assert n.data is not None
-                with open(n.data[0], "rb") as f:
-                    f.seek(n.data[1])
-                    for digest, piece in iter_chunks(f, n.size, chunking):
-                        chunks.append(Chunk(digest, len(piece)))
-                        if digest in used:
-                            continue
-                        if digest in known:
-                            used[digest] = known[digest]
-                            reused += 1
-                        else:
-                            used[digest] = None
-                            packer.add(digest, zc.compress(piece))
-                            new += 1
-                        if progress:
-                            progress(len(piece))
-            entries.append(Entry(path, n.type, n.mode, n.uid, n.gid, n.mtime_ns,
-                                 n.size if n.type == "reg" else 0, n.target, n.devmajor,
-                                 n.devminor, tuple(sorted(n.xattrs.items())), tuple(chunks)))
+        try:
+            for path in tree.sorted_paths():
+                n = tree.nodes[path]
+                chunks = []
+                if n.type == "reg" and n.size:
+                    chunks = _file_chunks(n, chunking, used, known, compressor, progress)
+                entries.append(Entry(path, n.type, n.mode, n.uid, n.gid, n.mtime_ns,
+                                     n.size if n.type == "reg" else 0, n.target, n.devmajor,
+                                     n.devminor, tuple(sorted(n.xattrs.items())),
+                                     tuple(chunks)))
+        except BaseException:
+            compressor.abort()
+            raise
+        compressor.close()
         packer.flush()
+        new = sum(1 for loc in used.values() if loc is None)
         locs = {d: (loc or packer.locations[d]) for d, loc in used.items()}
         return _finish(store, TOC(tuple(entries), chunking), locs,
                        {**sizes, **packer.blob_sizes}, name,
-                       (new, reused, packer.uploaded))
+                       (new, len(used) - new, packer.uploaded))
 
 
 def push(src: ImageStore, ref: str, dst: ImageStore, name: str | None, *,
