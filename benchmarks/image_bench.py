@@ -147,8 +147,8 @@ def render(results: dict, path: str) -> None:
         rows.setdefault((s["throttle"], s["mode"]), []).append(s)
     lines = ["# Image benchmark results", "",
              f"Image: {results['image']}; runs per cell: {results['runs']}; machine: "
-             f"{os.cpu_count()} cores; S3 server: {results['server']}. Median seconds from command to a successful "
-             f"`import {results['module']}` inside the image.", "",
+             f"{os.cpu_count()} cores; S3 server: {results['server']}. Median seconds from "
+             f"command to a successful `import {results['module']}` inside the image.", "",
              "| network | mode | median s | vs full pull | bytes fetched / read |",
              "|---|---|---|---|---|"]
     for (thr, mode), ss in sorted(rows.items(), key=lambda kv: (kv[0][0] or 0, kv[0][1])):
@@ -156,7 +156,8 @@ def render(results: dict, path: str) -> None:
         full = statistics.median(s["seconds"] for s in rows[(thr, "full-pull")])
         ratio = ""
         if "bytes_read" in ss[0]:
-            ratio = f"{statistics.median(s['bytes_fetched'] / max(s['bytes_read'], 1) for s in ss):.2f}"
+            ratio = statistics.median(s["bytes_fetched"] / max(s["bytes_read"], 1) for s in ss)
+            ratio = f"{ratio:.2f}"
         net = f"{thr / 1e6:.0f} MB/s" if thr else "unthrottled"
         lines.append(f"| {net} | {mode} | {med:.2f} | {med / full:.2f}x | {ratio} |")
         if mode == "umoci-local" and thr:
@@ -210,8 +211,8 @@ def main(argv: list[str] | None = None) -> int:
             push(local, "v1", remote, "v1p")
             p2 = push(local, "v2", remote, "v2")
         sh(*CLI, "record", "v1p", "--store", s3, "--", *start_cmd(module), env=env)
-        results = {"image": "python3.11 + numpy" + (" + torch" if args.torch else ""), "module": module, "runs": args.runs,
-                   "server": args.server,
+        results = {"image": "python3.11 + numpy" + (" + torch" if args.torch else ""),
+                   "module": module, "runs": args.runs, "server": args.server,
                    "layer_bytes": layer_bytes(layout, "v1"), "samples": [],
                    "convert": {"seconds": conv_s,
                                "file_bytes": sum(e.size for e in img.toc.entries),

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import zstandard
 
-from warmstart.errors import (DigestMismatch, ImageFormatError, IntegrityError, NotFound)
+from warmstart.errors import (DigestMismatch, ImageFormatError, IntegrityError, NotFound,
+                              UnsupportedVersion)
 
 from ._aio import run_sync
 from .backends import S3Config, ThrottledBackend, open_backend
@@ -193,12 +194,28 @@ class ImageStore:
     async def live_keys(self) -> set[str]:
         live = {"index.json", "oci-layout"}
         for t in await self.read_tags():
-            m_digest = check_digest_string(t.get("digest"), "tag")
-            live.add(blob_key(m_digest))
-            m = parse_manifest(await self.get_doc(m_digest, MAX_MANIFEST_BYTES, "manifest"))
-            for d in (m.toc, m.chunk_index, *m.blobs, *([m.profile] if m.profile else [])):
-                live.add(blob_key(d.digest))
+            await self._mark(check_digest_string(t.get("digest"), "tag"), live, 0)
         return live
+
+    async def _mark(self, digest: str, live: set[str], depth: int) -> None:
+        live.add(blob_key(digest))
+        data = await self.get_doc(digest, MAX_MANIFEST_BYTES, "manifest")
+        try:
+            m = parse_manifest(data)
+        except UnsupportedVersion:
+            # another image in the same OCI layout (e.g. the one this was converted from):
+            # keep everything it names
+            doc = load_json(data, MAX_MANIFEST_BYTES, f"manifest {digest}")
+            for d in [doc.get("config"), *(doc.get("layers") or [])]:
+                if isinstance(d, dict):
+                    live.add(blob_key(check_digest_string(d.get("digest"), "descriptor")))
+            for d in doc.get("manifests") or []:
+                if isinstance(d, dict) and depth < 4:
+                    await self._mark(check_digest_string(d.get("digest"), "descriptor"),
+                                     live, depth + 1)
+            return
+        for d in (m.toc, m.chunk_index, *m.blobs, *([m.profile] if m.profile else [])):
+            live.add(blob_key(d.digest))
 
     def gc(self, dry_run: bool = False) -> list[str]:
         """Deletes every blob no tagged image references and returns their keys.

@@ -123,3 +123,22 @@ def test_whiteouts_opaque_dirs_and_hardlinks(tmp_path):
 def test_malicious_layers_are_refused(tmp_path, members, needle):
     with pytest.raises(UnsafeEntry, match=needle):
         apply_layer(Tree(), make_tar(tmp_path / "bad.tar", members))
+
+
+def test_converted_image_lives_beside_the_original_in_one_oci_layout(oci_layout, tmp_path):
+    import shutil
+    import subprocess
+    layout = str(tmp_path / "layout")
+    shutil.copytree(oci_layout, layout)
+    with ImageStore.open(layout) as s:
+        r = convert(f"{layout}:v1", s, "v1-warmstart", blob_size=BLOB)
+        assert set(s.tags()) == {"v1", "v2", "v1-warmstart"}
+        s.gc()  # may drop what umoci itself left unreferenced, never the original images
+        assert s.open_image("v1-warmstart").digest == r.digest
+    for tag in ("v1", "v2"):
+        out = subprocess.run(["umoci", "unpack", "--image", f"{layout}:{tag}",
+                              str(tmp_path / f"b-{tag}")], capture_output=True, text=True,
+                             timeout=120)
+        assert out.returncode == 0, out.stderr
+    pull(ImageStore.open(layout), "v1-warmstart", str(tmp_path / "pulled"))
+    assert os.path.isfile(tmp_path / "pulled/usr/bin/python3.11")

@@ -208,3 +208,25 @@ def test_device_nodes_are_metadata_only_under_nodev(tmp_path):
         assert os.stat(f"{mnt}/suid").st_mode & 0o6000 == 0o6000
         with pytest.raises(PermissionError):
             open(f"{mnt}/dev/null", "rb")  # nodev: the node cannot be used
+
+
+def test_tampered_toc_is_never_mounted(py_rootfs, tmp_path):
+    from warmstart.errors import SourceError
+    store = str(tmp_path / "store")
+    with ImageStore.open(store) as s:
+        convert(py_rootfs, s, "v1", blob_size=BLOB)
+        toc = s.open_image("v1").toc_digest
+
+        async def corrupt():
+            key = blob_key(toc)
+            data = (await s.backend.get(key)).replace(b'"mode":493', b'"mode":511', 1)
+            await s.backend.put(key, data)
+        run_sync(corrupt())
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    with open(tmp_path / "err.log", "wb") as log:
+        with pytest.raises(SourceError, match="before mounting"):
+            spawn_mount(store, "v1", str(mnt), str(tmp_path / "cache"), stderr=log)
+    assert not os.path.ismount(mnt)
+    err = (tmp_path / "err.log").read_text()
+    assert "TOC" in err and toc in err
