@@ -179,14 +179,17 @@ def _record(args: argparse.Namespace) -> int:
             rc = subprocess.run(full, timeout=args.timeout).returncode
         finally:
             unmount(mnt, proc)
+        if rc != 0:
+            print(f"warmstart image record: the command exited with {rc}; no profile stored",
+                  file=sys.stderr)
+            return 1
         with open(prof, "rb") as f:
             profile = parse_profile(f.read())
         tag = args.tag or args.ref.split("@")[0]
         with _open(args.store) as store:
             digest = store.add_profile(args.ref, profile, tag)
-    print(json.dumps({"digest": digest, "tag": tag, "chunks": len(profile.chunks),
-                      "command_exit": rc}))
-    return 0 if rc == 0 else 1
+    print(json.dumps({"digest": digest, "tag": tag, "chunks": len(profile.chunks)}))
+    return 0
 
 
 def _inspect(args: argparse.Namespace) -> int:

@@ -6,6 +6,8 @@ import io
 import random
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from warmstart import _native
 from warmstart.imageformat import chunking
@@ -56,3 +58,12 @@ def test_an_insert_only_changes_nearby_chunks():
     a = {d for d, _ in chunking.iter_chunks(io.BytesIO(blob), len(blob), params)}
     b = {d for d, _ in chunking.iter_chunks(io.BytesIO(edited), len(edited), params)}
     assert len(a - b) <= 2 and len(a & b) >= len(a) - 2
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.binary(min_size=0, max_size=5000), st.integers(1, 64), st.integers(0, 200),
+       st.integers(0, 800))
+def test_fuzz_native_equals_reference(blob, mn, extra_avg, extra_max):
+    avg, mx = mn + extra_avg, mn + extra_avg + extra_max
+    assert _native.fastcdc_cuts(blob, mn, avg, mx, True) == \
+        chunking.reference_cuts(blob, mn, avg, mx)
