@@ -38,6 +38,28 @@ def fuse_usable() -> str | None:
 
 
 pytestmark = pytest.mark.skipif(fuse_usable() is not None, reason=str(fuse_usable()))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fuse_mounts_here(tmp_path_factory):
+    """Mounts a one-file image once; if this machine refuses FUSE mounts (a container without
+    CAP_SYS_ADMIN), every test here is skipped with the reason instead of failing."""
+    base = tmp_path_factory.mktemp("probe")
+    (base / "root").mkdir()
+    (base / "root/hello").write_text("hi")
+    with ImageStore.open(str(base / "store")) as s:
+        convert(str(base / "root"), s, "probe")
+    (base / "mnt").mkdir()
+    with open(base / "log", "wb") as log:
+        try:
+            proc = spawn_mount(str(base / "store"), "probe", str(base / "mnt"),
+                               str(base / "cache"), stderr=log)
+        except Exception as exc:  # noqa: BLE001 - the reason goes into the skip
+            pytest.skip(f"FUSE mounts are refused here: {exc}: "
+                        f"{(base / 'log').read_text()[-300:]}")
+    unmount(str(base / "mnt"), proc)
+
+
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="chroot needs root")
 
 
