@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -89,11 +91,28 @@ def _finish_entry(dest: str, e: Entry, root: bool) -> None:
 
 def pull(store: ImageStore, ref: str, dest: str, *, concurrency: int = 8,
          progress: Callable[[int], None] | None = None) -> Image:
-    """Writes image `ref` as a plain folder at `dest` (which must be absent or empty)."""
+    """Writes image `ref` as a plain folder at `dest` (which must be absent or empty).
+    The tree is built in a sibling folder and renamed into place only once every chunk was
+    verified, so a failed pull never leaves a half-written rootfs at `dest`."""
+    dest = os.path.abspath(dest)
     if os.path.exists(dest) and (not os.path.isdir(dest) or os.listdir(dest)):
         raise ConfigError(f"{dest}: pull needs a missing or empty destination folder")
-    os.makedirs(dest, exist_ok=True)
     image = store.open_image(ref)
+    work = tempfile.mkdtemp(prefix=f".{os.path.basename(dest)}.partial-",
+                            dir=os.path.dirname(dest))
+    try:
+        _materialize(store, image, work, concurrency, progress)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    if os.path.isdir(dest):
+        os.rmdir(dest)
+    os.rename(work, dest)
+    return image
+
+
+def _materialize(store: ImageStore, image: Image, dest: str, concurrency: int,
+                 progress: Callable[[int], None] | None) -> None:
     entries = image.toc.entries
     _create_tree(dest, entries)
     targets: dict[str, list[tuple[str, int]]] = {}
@@ -153,4 +172,3 @@ def pull(store: ImageStore, ref: str, dest: str, *, concurrency: int = 8,
     for e in reversed(entries):
         if e.type == "dir":
             _finish_entry(dest, e, root)
-    return image

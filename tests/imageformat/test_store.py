@@ -91,6 +91,7 @@ def test_tampered_chunk_blob_toc_and_manifest_are_detected(source, dest, tmp_pat
     _corrupt(dest, image.manifest.blobs[0].digest, at=image.manifest.blobs[0].size // 2)
     with pytest.raises(DigestMismatch, match="chunk"):
         pull(dest, "v1", str(tmp_path / "a"))
+    assert not (tmp_path / "a").exists() and not list(tmp_path.glob(".a.partial-*"))
     _corrupt(dest, image.toc_digest)
     with pytest.raises(DigestMismatch, match="TOC"):
         dest.open_image("v1")
