@@ -9,7 +9,6 @@ from __future__ import annotations
 import gzip
 import io
 import hashlib
-import json
 import os
 import shutil
 import tarfile
