@@ -1,0 +1,106 @@
+"""The benchmark harness itself: a tiny real run (generated checkpoint, local S3 server, every
+installed peer in its own process) writes complete JSON, a markdown table and real plots, and a
+peer whose module cannot be imported is reported as "not installed"."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from warmstart.benchmarks import report
+
+MISSING = "warmstart_bench_no_such_module"
+
+
+def _bench(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "warmstart.benchmarks", *args],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench-out")
+    cache = tmp_path_factory.mktemp("bench-cache")
+    proc = _bench("--quick", "--scenarios", "local-warm,s3", "--repeat", "1", "--out", str(out),
+                  "--cache", str(cache), "--device", "cpu",
+                  "--require", f"fastsafetensors={MISSING}")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, proc
+
+
+def test_json_has_every_declared_field(quick_run):
+    out, _ = quick_run
+    doc = json.loads((out / "results.json").read_text())
+    assert set(report.TOP_FIELDS) <= set(doc)
+    assert doc["schema"] == report.SCHEMA and doc["device"] == "cpu"
+    assert doc["checkpoint"]["tensor_bytes"] > 0 and doc["checkpoint"]["generated"]
+    for key in ("cpu_model", "cores", "memory_bytes", "disk", "gpu", "versions"):
+        assert key in doc["machine"]
+    assert doc["machine"]["versions"]["torch"]
+    assert [s["name"] for s in doc["scenarios"]] == ["local-warm", "s3"]
+    for scenario in doc["scenarios"]:
+        assert set(report.SCENARIO_FIELDS) <= set(scenario)
+        for ceiling in scenario["ceilings"].values():
+            assert set(report.CEILING_FIELDS) <= set(ceiling)
+            assert ceiling["median_gbps"] > 0, ceiling
+        for row in scenario["peers"].values():
+            assert set(report.PEER_FIELDS) <= set(row)
+            for run in row["runs"]:
+                if run["status"] == "ok":
+                    assert set(report.RUN_FIELDS) <= set(run)
+                    assert run["digest_ok"] and run["bytes"] == doc["checkpoint"]["tensor_bytes"]
+    warm = doc["scenarios"][0]["peers"]
+    s3 = doc["scenarios"][1]["peers"]
+    assert warm["warmstart"]["status"] == "ok" and warm["warmstart"]["median_gbps"] > 0
+    assert warm["safetensors"]["status"] == "ok"
+    assert warm["warmstart"]["ratios"]["safetensors"] == pytest.approx(
+        warm["warmstart"]["median_gbps"] / warm["safetensors"]["median_gbps"])
+    assert warm["warmstart-stream"]["first_tensor_seconds"] > 0
+    assert s3["warmstart"]["status"] == "ok" and s3["download-then-load"]["status"] == "ok"
+    assert s3["warmstart"]["ceiling_fraction"] > 0
+
+
+def test_missing_peer_is_reported_not_dropped(quick_run):
+    out, proc = quick_run
+    doc = json.loads((out / "results.json").read_text())
+    row = doc["scenarios"][0]["peers"]["fastsafetensors"]
+    assert row["status"] == "not installed" and MISSING in row["error"]
+    md = (out / "results.md").read_text()
+    assert "| fastsafetensors | - |" in md and "not installed" in md
+    assert "not installed" in proc.stdout
+
+
+def test_markdown_table(quick_run):
+    out, proc = quick_run
+    md = (out / "results.md").read_text()
+    for name in ("### local-warm", "### s3", "| peer | GB/s median [min-max] |",
+                 "× safetensors", "| warmstart |", "| download-then-load |", "Ceiling (disk)",
+                 "Ceiling (s3)"):
+        assert name in md
+    assert "| peer | GB/s median" in proc.stdout  # the tables are printed too
+
+
+def test_plots_are_real_images(quick_run):
+    from PIL import Image
+
+    out, _ = quick_run
+    for name in report.PLOTS:
+        with Image.open(out / name) as image:
+            image.load()
+            assert image.size[0] > 200 and image.size[1] > 200
+            colours = image.convert("RGB").getcolors(maxcolors=1 << 20)
+            assert colours is not None and len(colours) > 8, name
+
+
+def test_json_only_prints_json(tmp_path):
+    proc = _bench("--quick", "--scenarios", "local-warm", "--peers", "warmstart,safetensors",
+                  "--repeat", "1", "--out", str(tmp_path), "--cache", str(tmp_path / "cache"),
+                  "--device", "cpu", "--json-only")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(proc.stdout)
+    assert doc == json.loads((tmp_path / "results.json").read_text())
+    assert not (tmp_path / "results.md").exists()
+    assert doc["scenarios"][0]["peers"]["warmstart"]["status"] == "ok"
