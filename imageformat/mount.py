@@ -43,7 +43,7 @@ class MountOptions:
     cache_dir: str
     cache_bytes: int = 8 << 30
     prefetch: bool = True
-    prefetch_threads: int = 4
+    prefetch_threads: int = 8
     record_path: str | None = None
     read_ahead_kb: int = 1024
     threads: int = 16
