@@ -25,7 +25,8 @@ from .manifest import encode_chunk_index
 from .model import (MT_BLOB, MT_CHUNK_INDEX, MT_TOC, TOC, Chunk, Chunking, Descriptor, Entry,
                     Location, Manifest)
 from .sources import detect_kind, docker_archive_layers, oci_layers
-from .store import ImageStore, decode_chunk, gather_limited
+from .pull import plan_ranges
+from .store import ImageStore, blob_key, decode_chunk, gather_limited
 from .toc import check_tree, encode_toc
 
 BLOB_SIZE = 64 << 20
@@ -218,14 +219,21 @@ def push(src: ImageStore, ref: str, dst: ImageStore, name: str | None, *,
     for c in image.toc.unique_chunks():
         if c.digest in known:
             used[c.digest] = known[c.digest]
-    batch = 64
+    batch = 256  # chunks per round: bounds memory; ranges are coalesced inside a round
+    locs = image.index.locations
     for i in range(0, len(missing), batch):
         part = missing[i:i + batch]
-        frames = run_sync(gather_limited(
-            [src.get_frame(image.index.locations[c.digest]) for c in part], concurrency))
-        for c, frame in zip(part, frames):
-            decode_chunk(frame, c)  # never copy a chunk that is not what it claims to be
-            packer.add(c.digest, frame)
+        reads = plan_ranges(part, locs, max_gap=64 << 10, max_len=8 << 20)
+        datas = run_sync(gather_limited(
+            [src.backend.get_range(blob_key(r.blob), r.offset, r.length) for r in reads],
+            concurrency))
+        frames = {}
+        for r, data in zip(reads, datas):
+            for c, off in r.chunks:
+                frames[c.digest] = data[off:off + locs[c.digest].csize]
+        for c in part:
+            decode_chunk(frames[c.digest], c)  # never copy a chunk that is not what it claims
+            packer.add(c.digest, frames[c.digest])
             if progress:
                 progress(c.size)
     packer.flush()

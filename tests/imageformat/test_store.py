@@ -98,3 +98,12 @@ def test_tampered_chunk_blob_toc_and_manifest_are_detected(source, dest, tmp_pat
     _corrupt(dest, r.digest)
     with pytest.raises(DigestMismatch, match="manifest"):
         dest.open_image("v1")
+
+
+def test_push_out_of_this_store(source, dest, py_rootfs_v2, tmp_path):
+    push(source, "v2", dest, "v2", blob_size=BLOB)
+    other = ImageStore.open(str(tmp_path / "other"))
+    r = push(dest, "v2", other, "v2")  # coalesced range reads out of `dest`
+    assert r.toc_digest == source.open_image("v2").toc_digest and r.reused_chunks == 0
+    pull(other, "v2", str(tmp_path / "out"))
+    assert snapshot(str(tmp_path / "out")) == snapshot(py_rootfs_v2)
