@@ -35,7 +35,8 @@ setup(
     python_requires=">=3.10",
     package_dir=PARTS,
     packages=list(PARTS),
-    package_data={"warmstart": ["_native.pyi", "py.typed"]},
+    package_data={"warmstart": ["_native.pyi", "py.typed"],
+                  "warmstart.imageformat": ["SPEC.md", "schema.json"]},
     ext_modules=[native],
     install_requires=[
         "torch>=2.3",
