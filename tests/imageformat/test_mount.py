@@ -17,8 +17,11 @@ from imageformat_helpers import BLOB, snapshot
 
 from warmstart.imageformat._aio import run_sync
 from warmstart.imageformat.convert import convert, push
-from warmstart.imageformat.mount import spawn_mount, unmount
 from warmstart.imageformat.store import ImageStore, blob_key
+
+pytest.importorskip("pyfuse3", reason="pyfuse3 is not installed (pip install -e '.[image]', "
+                                      "which needs Debian's libfuse3-dev)")
+from warmstart.imageformat.mount import spawn_mount, unmount  # noqa: E402
 
 
 def fuse_usable() -> str | None:
