@@ -222,7 +222,11 @@ class Run:
             out.append({"kind": "disk" if SOURCE[scenario] == "local" else "s3",
                         "label": "not measured", "gbps": None, "error": str(exc)[:300]})
         if self.device.startswith("cuda"):
-            out.append(ceilings.gpu())
+            try:
+                out.append(ceilings.gpu())
+            except Exception as exc:  # noqa: BLE001
+                out.append({"kind": "gpu", "label": "not measured", "gbps": None,
+                            "error": str(exc)[:300]})
         return out
 
     def scenario(self, scenario: str) -> dict:
@@ -267,7 +271,10 @@ class Run:
                  "local-odirect": "page cache could NOT be dropped (not permitted): warmstart "
                                   "forced to O_DIRECT (direct_io=True); the other peers may "
                                   "read from the page cache",
-                 "s3": "objects on a local S3 server on 127.0.0.1 (server files warm)"}
+                 "s3": ("objects on a local S3 server on 127.0.0.1 (its files warm)"
+                        if self.server_data else
+                        f"objects under {self.ckpt.s3.get('uri')} at "
+                        f"{self.ckpt.s3.get('endpoint') or 'the AWS default endpoint'}")}
         return notes[scenario]
 
 
@@ -327,7 +334,8 @@ def main(argv: list[str] | None = None) -> int:
         if server_data:
             shutil.rmtree(server_data, ignore_errors=True)
     doc = report.document(
-        argv=["warmstart", "bench", *(sys.argv[1:] if argv is None else argv)],
+        argv=(["python", "-m", "warmstart.benchmarks", *sys.argv[1:]] if argv is None
+              else ["warmstart", "bench", *argv]),
         started=started, device=device, args=args, ckpt=ckpt, scenarios=results,
         machine=machine.facts(os.path.dirname(ckpt.files[0]) if ckpt.files else str(out)))
     report.write(doc, out, json_only=args.json_only)

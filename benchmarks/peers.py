@@ -11,6 +11,7 @@ These run inside `python -m warmstart.benchmarks.peer`, one process per run.
 
 from __future__ import annotations
 
+import inspect
 import os
 import shutil
 import tempfile
@@ -98,7 +99,10 @@ def runai(spec: dict, marks: Marks) -> Tensors:
     device = torch.device(spec["device"])
     out = {}
     with SafetensorsStreamer() as streamer:
-        streamer.stream_files(paths, device="cpu", owned=False)
+        if "owned" in inspect.signature(streamer.stream_files).parameters:
+            streamer.stream_files(paths, device="cpu", owned=False)
+        else:  # releases before `owned` always yield views into the reused buffer
+            streamer.stream_files(paths, device="cpu")
         for name, view in streamer.get_tensors():
             started = time.perf_counter()
             dest = torch.empty(view.shape, dtype=view.dtype, device=device)
