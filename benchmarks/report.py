@@ -19,12 +19,23 @@ TOP_FIELDS = ("schema", "date", "command", "device", "options", "checkpoint", "m
 SCENARIO_FIELDS = ("name", "source", "note", "ceilings", "peers", "not_applicable")
 PEER_FIELDS = ("peer", "status", "error", "runs", "median_gbps", "min_gbps", "max_gbps",
                "median_seconds", "first_tensor_seconds", "peak_rss_bytes", "alloc_seconds",
-               "ratios", "ceiling_fraction")
+               "median_gbps_excl_alloc", "ratios", "ceiling_fraction")
 RUN_FIELDS = ("status", "seconds", "bytes", "tensors", "gbps", "first_tensor_seconds",
               "alloc_seconds", "peak_rss_bytes", "digest_ok", "wall_seconds")
 CEILING_FIELDS = ("label", "runs", "median_gbps", "min_gbps", "max_gbps")
 PRIMARY_CEILING = {"local": "disk", "s3": "s3"}
 PLOTS = ("throughput.png", "first_tensor.png", "peak_rss.png")
+# How a peer's figures are to be read (behaviour, never numbers).
+PEER_NOTES = {
+    "safetensors": "on CPU, `load_file` returns copy-on-write mmaps of the files: a warm load "
+                   "maps page-cache pages without copying them, a cold one faults them in "
+                   "from disk, and its RSS counts those file pages",
+    "runai": "tensors are copied out of the streamer's reused buffer into destinations "
+             "allocated per tensor (fresh pages faulted in): `alloc` is that part of its time",
+    "warmstart-stream": "`stream()`: first tensor = the first yielded tensor",
+    "download-then-load": "time includes the download to a temporary folder and the "
+                          "safetensors load of the downloaded files",
+}
 GB = 1e9
 GiB = 1 << 30
 
@@ -51,7 +62,8 @@ def summarize(scenario: dict) -> None:
         bad = next((r for r in runs if r["status"] == status), {}) if status != "ok" else {}
         row.update(status=status, error=bad.get("error"), median_gbps=None, min_gbps=None,
                    max_gbps=None, median_seconds=None, first_tensor_seconds=None,
-                   peak_rss_bytes=None, alloc_seconds=None, ratios={}, ceiling_fraction=None)
+                   peak_rss_bytes=None, alloc_seconds=None, median_gbps_excl_alloc=None,
+                   ratios={}, ceiling_fraction=None)
         if status != "ok" or not runs:
             continue
         speeds = [r["gbps"] for r in runs]
@@ -59,7 +71,10 @@ def summarize(scenario: dict) -> None:
                    median_seconds=_median(r["seconds"] for r in runs),
                    first_tensor_seconds=_median(r["first_tensor_seconds"] for r in runs),
                    peak_rss_bytes=max(r["peak_rss_bytes"] for r in runs),
-                   alloc_seconds=_median(r["alloc_seconds"] for r in runs))
+                   alloc_seconds=_median(r["alloc_seconds"] for r in runs),
+                   median_gbps_excl_alloc=_median(
+                       r["bytes"] / GB / max(r["seconds"] - r["alloc_seconds"], 1e-9)
+                       for r in runs if r["alloc_seconds"] is not None))
         if primary.get("median_gbps"):
             row["ceiling_fraction"] = row["median_gbps"] / primary["median_gbps"]
     for row in scenario["peers"].values():
@@ -113,7 +128,8 @@ def scenario_markdown(scenario: dict, baselines: list[str]) -> str:
         else:
             lines.append(f"Ceiling ({kind}): not measured ({c.get('error', '')})  ")
     lines += ["", "| peer | GB/s median [min-max] | " + " | ".join(f"× {b}" for b in bases)
-              + " | of ceiling | first tensor (s) | peak RSS (GiB) | alloc (s) | status |",
+              + " | of ceiling | first tensor (s) | peak RSS (GiB) | alloc (s) [GB/s without] "
+              "| status |",
               "|---|---|" + "---|" * len(bases) + "---|---|---|---|---|"]
     for row in scenario["peers"].values():
         if row["status"] != "ok":
@@ -127,12 +143,18 @@ def scenario_markdown(scenario: dict, baselines: list[str]) -> str:
         lines.append(
             f"| {row['peer']} | {speed} | {ratios} | {_num(row['ceiling_fraction'], '.0%')} | "
             f"{_num(row['first_tensor_seconds'], '.3f')} | "
-            f"{row['peak_rss_bytes'] / GiB:.2f} | {_num(row['alloc_seconds'], '.3f')} | "
+            f"{row['peak_rss_bytes'] / GiB:.2f} | {_alloc(row)} | "
             f"ok ({len(row['runs'])} runs, digests match) |")
     if scenario["not_applicable"]:
         lines += ["", "Not applicable to this source: " + ", ".join(scenario["not_applicable"])
                   + "."]
     return "\n".join(lines)
+
+
+def _alloc(row: dict) -> str:
+    if row["alloc_seconds"] is None:
+        return "-"
+    return f"{row['alloc_seconds']:.3f} [{row['median_gbps_excl_alloc']:.3f}]"
 
 
 def markdown(doc: dict) -> str:
@@ -158,6 +180,10 @@ def markdown(doc: dict) -> str:
     ]
     for scenario in doc["scenarios"]:
         lines += [scenario_markdown(scenario, doc["baselines"]), ""]
+    present = {p for s in doc["scenarios"] for p in s["peers"]}
+    notes = [f"- {peer}: {note}" for peer, note in PEER_NOTES.items() if peer in present]
+    if notes:
+        lines += ["Reading the rows:", "", *notes, ""]
     lines += ["Fairness rules: see benchmarks/README.md in the warmstart repository.", ""]
     return "\n".join(lines)
 
@@ -192,8 +218,9 @@ def plot(doc: dict, out: Path) -> None:
                 x = i - 0.4 + width * (j + 0.5)
                 value = row.get(key)
                 if value is None:
-                    ax.text(x, 0, row["status"] if row["status"] != "ok" else "n/a",
-                            rotation=90, ha="center", va="bottom", fontsize=7)
+                    ax.text(x, 0.02, row["status"] if row["status"] != "ok" else "n/a",
+                            rotation=90, ha="center", va="bottom", fontsize=7,
+                            transform=ax.get_xaxis_transform())
                     continue
                 yerr = None
                 if key == "median_gbps":
@@ -210,6 +237,10 @@ def plot(doc: dict, out: Path) -> None:
                                   linestyles="--" if kind != "gpu" else ":")
                         ax.text(i + 0.45, c["median_gbps"], f" {kind} ceiling", fontsize=7,
                                 va="bottom", ha="right")
+        values = [r[key] for s in scenarios for r in s["peers"].values() if r.get(key)]
+        if key == "median_gbps" and values and max(values) > 20 * min(values):
+            ax.set_yscale("log")  # one peer far above the rest would flatten them
+            ylabel += ", log scale"
         ax.set_xticks(range(len(scenarios)))
         ax.set_xticklabels([s["name"] for s in scenarios])
         ax.set_ylabel(ylabel)
@@ -221,3 +252,19 @@ def plot(doc: dict, out: Path) -> None:
         fig.tight_layout()
         fig.savefig(out / name)
         plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Re-renders results.md and the plots of an output folder from its results.json."""
+    import sys
+
+    folder = Path((sys.argv[1:] if argv is None else argv)[0])
+    doc = json.loads((folder / "results.json").read_text())
+    for scenario in doc["scenarios"]:
+        summarize(scenario)
+    write(doc, folder)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
