@@ -104,3 +104,20 @@ def test_json_only_prints_json(tmp_path):
     assert doc == json.loads((tmp_path / "results.json").read_text())
     assert not (tmp_path / "results.md").exists()
     assert doc["scenarios"][0]["peers"]["warmstart"]["status"] == "ok"
+
+
+def test_report_rerenders_from_json(quick_run, tmp_path):
+    import shutil
+
+    out, _ = quick_run
+    shutil.copy(out / "results.json", tmp_path / "results.json")
+    assert report.main([str(tmp_path)]) == 0
+    assert (tmp_path / "results.md").read_text() == (out / "results.md").read_text()
+    assert all((tmp_path / name).stat().st_size > 0 for name in report.PLOTS)
+
+
+def test_gpu_check_script_parses():
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
