@@ -175,7 +175,10 @@ def run_peer(spec: dict, env: dict, timeout: float) -> dict:
         return {"status": "error", "error": f"timed out after {timeout:.0f} s"}
     for line in reversed(proc.stdout.strip().splitlines()):
         if line.startswith("{"):
-            return json.loads(line)
+            try:
+                return json.loads(line)
+            except ValueError:
+                break  # a line cut short by a crash
     tail = " | ".join(proc.stderr.strip().splitlines()[-3:])
     return {"status": "error", "error": f"exit {proc.returncode}: {tail}"[:500]}
 
