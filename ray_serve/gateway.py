@@ -1,0 +1,342 @@
+"""One gateway per node: the loader reads s3:// through it, and nodes share pieces over Ray.
+
+`Gateway` (plain Python, the logic) answers reads piece by piece:
+  1. from the node-local `ChunkCache` (verified against the digest that names it);
+  2. a piece of this node's share (`plan.owner`): a ranged GET from object storage, at most
+     once per piece at a time on this node (concurrent readers wait for the one fetch);
+  3. any other piece: from the owner's gateway through Ray (`piece.remote()`; the bytes travel
+     in Ray's object store). The owner hands back the digest it computed when it read the
+     piece from object storage; bytes that do not hash to it, a dead owner, or one slower than
+     `peer_timeout` make this node read the piece from object storage itself.
+`NodeGateway` is the Ray actor around it (named per node, detached, 0 CPUs, pinned to its node
+with a hard node-affinity strategy) and runs the `S3Front` the replicas' loaders talk to.
+Participants are the alive Ray nodes with `node_resource`, read once per object: Ray says which
+nodes exist, schedules the gateways and moves the bytes; warmstart keeps no membership of its own.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable, Iterator
+
+from warmstart.errors import DigestMismatch, Retryable
+from warmstart.ray_serve import plan
+from warmstart.ray_serve.chunk_cache import ChunkCache, sha256
+from warmstart.ray_serve.plan import ObjectId
+from warmstart.ray_serve.settings import SharingConfig
+
+log = logging.getLogger("warmstart.ray_serve")
+NAMESPACE = "warmstart"
+NAME_PREFIX = "warmstart-gateway-"
+HEAD_TTL = 30.0  # seconds a HEAD answer is reused (objects are versioned by size + ETag)
+
+# (node id, object, piece index) -> (digest, bytes); raises on any failure
+PeerFetch = Callable[[str, ObjectId, int], tuple[str, bytes]]
+
+
+class Gateway:
+    def __init__(self, settings: SharingConfig, node_id: str,
+                 nodes: Callable[[], tuple[str, ...]] | None = None,
+                 peer_fetch: PeerFetch | None = None, on_bytes=None) -> None:
+        self.settings = settings
+        self.node_id = node_id
+        self.cache = ChunkCache(settings.cache_dir.replace("{node_id}", node_id),
+                                settings.cache_size)
+        self._nodes = nodes or (lambda: (node_id,))
+        self._peer_fetch = peer_fetch
+        self._on_bytes = on_bytes or (lambda source, n: None)
+        self._client = _s3_client(settings.s3_endpoint_url)
+        self._lock = threading.Lock()
+        self._inflight: dict[str, Future] = {}
+        self._heads: dict[tuple[str, str], tuple[ObjectId, float, float]] = {}
+        self._participants: dict[ObjectId, tuple[str, ...]] = {}
+        self._failed_peers: set[str] = set()
+        self._prefetched: set[ObjectId] = set()
+        self._prefetch = ThreadPoolExecutor(max(settings.prefetch, 1),
+                                            thread_name_prefix="warmstart-prefetch")
+        self.counters = {"s3_bytes": 0, "peer_bytes": 0, "cache_bytes": 0, "served_bytes": 0,
+                         "peer_failures": 0, "digest_mismatches": 0, "s3_requests": 0}
+
+    def _count(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            self.counters[name] += n
+
+    # --- metadata, straight from object storage ----------------------------------------
+    def head(self, bucket: str, key: str) -> tuple[ObjectId, float]:
+        now = time.monotonic()
+        with self._lock:
+            hit = self._heads.get((bucket, key))
+        if hit and now - hit[2] < HEAD_TTL:
+            return hit[0], hit[1]
+        resp = self._call(f"s3://{bucket}/{key}", self._client.head_object, Bucket=bucket,
+                          Key=key)
+        obj = ObjectId(bucket, key, int(resp["ContentLength"]), resp.get("ETag", ""))
+        mtime = resp["LastModified"].timestamp() if resp.get("LastModified") else time.time()
+        with self._lock:
+            self._heads[(bucket, key)] = (obj, mtime, now)
+        return obj, mtime
+
+    def list(self, bucket: str, prefix: str, delimiter: str, token: str | None,
+             max_keys: int) -> tuple[list[dict], list[str], str | None]:
+        kwargs = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": max_keys}
+        if delimiter:
+            kwargs["Delimiter"] = delimiter
+        if token:
+            kwargs["ContinuationToken"] = token
+        resp = self._call(f"s3://{bucket}/{prefix}", self._client.list_objects_v2, **kwargs)
+        contents = [{"Key": o["Key"], "Size": int(o["Size"]), "ETag": o.get("ETag", ""),
+                     "LastModified": o["LastModified"].strftime("%Y-%m-%dT%H:%M:%S.000Z")}
+                    for o in resp.get("Contents", [])]
+        prefixes = [p["Prefix"] for p in resp.get("CommonPrefixes", [])]
+        return contents, prefixes, resp.get("NextContinuationToken")
+
+    # --- data ---------------------------------------------------------------------------
+    def read(self, obj: ObjectId, offset: int, length: int) -> Iterator[memoryview]:
+        """Bytes [offset, offset + length) of `obj`, as blocks in order."""
+        size = self.settings.piece_size
+        if obj.size < size or self.settings.mode == "off":  # small: not worth sharing
+            data = self._get_range(obj, offset, length)
+            self._count("served_bytes", length)
+            yield memoryview(data)
+            return
+        self._start_prefetch(obj)
+        for index in plan.pieces_in_range(offset, length, obj.size, size):
+            piece_start = index * size
+            data = self.piece(obj, index)
+            lo = max(offset, piece_start) - piece_start
+            hi = min(offset + length, piece_start + len(data)) - piece_start
+            self._count("served_bytes", hi - lo)
+            yield memoryview(data)[lo:hi]
+
+    def piece(self, obj: ObjectId, index: int) -> bytes:
+        return self._single_flight(obj, index, self._obtain)[1]
+
+    def piece_for_peer(self, obj: ObjectId, index: int) -> tuple[str, bytes]:
+        """A piece this node owns, with the digest it had when it was read from object
+        storage. The cached copy is not re-hashed here: the asking node checks it."""
+        hit = self.cache.get_named(self._key(obj, index), verify=False)
+        if hit is not None:
+            return hit
+        return self._single_flight(obj, index, self._from_storage)
+
+    def _key(self, obj: ObjectId, index: int) -> str:
+        return plan.piece_key(obj, self.settings.piece_size, index)
+
+    def _single_flight(self, obj: ObjectId, index: int, produce) -> tuple[str, bytes]:
+        key = self._key(obj, index)
+        with self._lock:
+            fut = self._inflight.get(key)
+            mine = fut is None
+            if mine:
+                fut = self._inflight[key] = Future()
+        if not mine:
+            return fut.result()
+        try:
+            result = produce(obj, index)
+        except BaseException as exc:
+            fut.set_exception(exc)
+            raise
+        else:
+            fut.set_result(result)
+            return result
+        finally:
+            with self._lock:
+                self._inflight.pop(key, None)
+
+    def _obtain(self, obj: ObjectId, index: int) -> tuple[str, bytes]:
+        key = self._key(obj, index)
+        hit = self.cache.get_named(key)
+        if hit is not None:
+            self._count("cache_bytes", len(hit[1]))
+            self._on_bytes("cache", len(hit[1]))
+            return hit
+        owner = self._owner(obj, index)
+        if owner != self.node_id and owner not in self._failed_peers:
+            got = self._from_peer(owner, obj, index)
+            if got is not None:
+                return got
+        return self._from_storage(obj, index)
+
+    def _from_peer(self, owner: str, obj: ObjectId, index: int) -> tuple[str, bytes] | None:
+        what = f"{obj.name} piece {index} from node {owner[:12]}"
+        try:
+            digest, data = self._peer_fetch(owner, obj, index)
+        except Exception as exc:  # noqa: BLE001 - any peer failure means: read it ourselves
+            self._count("peer_failures")
+            with self._lock:
+                self._failed_peers.add(owner)
+            log.warning("warmstart gateway: %s failed (%s: %s); reading object storage "
+                        "instead, and for this node's later pieces too", what,
+                        type(exc).__name__, str(exc)[:200])
+            return None
+        if sha256(data) != digest:
+            self._count("digest_mismatches")
+            log.warning("warmstart gateway: %s does not match its digest %s; reading it "
+                        "from object storage", what, digest[:16])
+            return None
+        self.cache.put_named(self._key(obj, index), data, digest)
+        self._count("peer_bytes", len(data))
+        self._on_bytes("peer", len(data))
+        return digest, data
+
+    def _from_storage(self, obj: ObjectId, index: int) -> tuple[str, bytes]:
+        piece = plan.pieces(obj.size, self.settings.piece_size)[index]
+        data = self._get_range(obj, piece.offset, piece.length)
+        digest = self.cache.put_named(self._key(obj, index), data)
+        return digest, data
+
+    def _get_range(self, obj: ObjectId, offset: int, length: int) -> bytes:
+        what = f"{obj.name} bytes {offset}-{offset + length - 1}"
+        resp = self._call(what, self._client.get_object, Bucket=obj.bucket, Key=obj.key,
+                          Range=f"bytes={offset}-{offset + length - 1}")
+        with resp["Body"] as body:
+            data = body.read()
+        if len(data) != length:
+            raise Retryable(errno.EPIPE, f"{what}: got {len(data)} bytes")
+        etag = resp.get("ETag")
+        if etag and obj.etag and etag != obj.etag:
+            raise Retryable(errno.ESTALE, f"{what}: the object changed while it was read "
+                                          f"(ETag {etag}, was {obj.etag})")
+        self._count("s3_requests")
+        self._count("s3_bytes", length)
+        self._on_bytes("s3", length)
+        return data
+
+    def _call(self, what: str, fn, **kwargs):
+        from warmstart.loader.sources.s3 import map_botocore_error
+
+        try:
+            return fn(**kwargs)
+        except Exception as exc:  # noqa: BLE001 - into warmstart's tree
+            raise map_botocore_error(exc, what) from exc
+
+    # --- shares -------------------------------------------------------------------------
+    def _owner(self, obj: ObjectId, index: int) -> str:
+        if self.settings.mode != "cluster" or self._peer_fetch is None:
+            return self.node_id
+        with self._lock:
+            nodes = self._participants.get(obj)
+        if nodes is None:
+            nodes = tuple(sorted(set(self._nodes()) | {self.node_id}))
+            with self._lock:
+                nodes = self._participants.setdefault(obj, nodes)
+        return plan.owner(obj, index, nodes)
+
+    def _start_prefetch(self, obj: ObjectId) -> None:
+        """On the first read of `obj`: fetch this node's share ahead, so peers find it."""
+        with self._lock:
+            if self.settings.prefetch == 0 or obj in self._prefetched:
+                return
+            self._prefetched.add(obj)
+        for p in plan.pieces(obj.size, self.settings.piece_size):
+            if self._owner(obj, p.index) == self.node_id:
+                self._prefetch.submit(self._quiet_piece, obj, p.index)
+
+    def _quiet_piece(self, obj: ObjectId, index: int) -> None:
+        try:
+            self.piece(obj, index)
+        except Exception as exc:  # noqa: BLE001 - a reader asking for it will see the error
+            log.debug("warmstart gateway: prefetch of %s piece %d failed: %s", obj.name,
+                      index, exc)
+
+    def stats(self) -> dict:
+        with self._lock:
+            return dict(self.counters)
+
+
+def _s3_client(endpoint: str | None):
+    import botocore.config
+    import botocore.session
+
+    endpoint = (endpoint or os.environ.get("AWS_ENDPOINT_URL_S3")
+                or os.environ.get("AWS_ENDPOINT_URL"))
+    config = botocore.config.Config(
+        s3={"addressing_style": "path" if endpoint else "auto"}, max_pool_connections=64,
+        retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=10, read_timeout=60)
+    return botocore.session.get_session().create_client("s3", endpoint_url=endpoint,
+                                                        config=config)
+
+
+# --- the Ray side ------------------------------------------------------------------------
+
+
+def gateway_name(node_id: str) -> str:
+    return NAME_PREFIX + node_id
+
+
+def participant_nodes(resource: str) -> tuple[str, ...]:
+    import ray
+
+    return tuple(sorted(n["NodeID"] for n in ray.nodes()
+                        if n.get("Alive") and n.get("Resources", {}).get(resource, 0) > 0))
+
+
+class NodeGateway:
+    """The Ray actor (see `ensure_gateway`); its methods are what peers and replicas call."""
+
+    def __init__(self, settings: dict, node_id: str) -> None:
+        from ray.util import metrics
+
+        self.settings = SharingConfig.from_mapping(settings)
+        self._bytes = metrics.Counter(
+            "warmstart_gateway_bytes", "Bytes a warmstart node gateway obtained, by source "
+            "(s3: object storage, peer: another node, cache: node-local cache)",
+            tag_keys=("source",))
+        self.core = Gateway(self.settings, node_id,
+                            nodes=lambda: participant_nodes(self.settings.node_resource),
+                            peer_fetch=self._peer_fetch,
+                            on_bytes=lambda source, n: self._bytes.inc(n, {"source": source}))
+        from warmstart.ray_serve.s3front import S3Front
+
+        self.front = S3Front(self.core)
+        log.info("warmstart gateway for node %s on %s (mode %s, cache %s)", node_id,
+                 self.front.endpoint, self.settings.mode, self.core.cache.root)
+
+    def _peer_fetch(self, node: str, obj: ObjectId, index: int) -> tuple[str, bytes]:
+        import ray
+
+        handle = ensure_gateway(node, self.settings)
+        ref = handle.piece.remote(obj.bucket, obj.key, obj.size, obj.etag, index)
+        return ray.get(ref, timeout=self.settings.peer_timeout)
+
+    def endpoint(self) -> str:
+        return self.front.endpoint
+
+    def piece(self, bucket: str, key: str, size: int, etag: str, index: int):
+        return self.core.piece_for_peer(ObjectId(bucket, key, size, etag), index)
+
+    def stats(self) -> dict:
+        return {**self.core.stats(), "node_id": self.core.node_id,
+                "cache_dir": self.core.cache.root}
+
+
+def ensure_gateway(node_id: str, settings: SharingConfig):
+    """The gateway actor of `node_id`, started there if it is not running yet."""
+    import dataclasses
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    actor = ray.remote(NodeGateway)
+    return actor.options(
+        name=gateway_name(node_id), namespace=NAMESPACE, get_if_exists=True,
+        lifetime="detached", num_cpus=0, max_concurrency=64, max_restarts=0,
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
+    ).remote(dataclasses.asdict(settings), node_id)
+
+
+def stop_gateways() -> int:
+    """Kills every warmstart gateway of the connected cluster; returns how many."""
+    import ray
+
+    count = 0
+    for entry in ray.util.list_named_actors(all_namespaces=True):
+        if entry["namespace"] == NAMESPACE and entry["name"].startswith(NAME_PREFIX):
+            ray.kill(ray.get_actor(entry["name"], namespace=NAMESPACE))
+            count += 1
+    return count

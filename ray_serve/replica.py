@@ -1,0 +1,117 @@
+"""Loading a checkpoint when a Serve replica starts.
+
+Two ways, both running inside the replica process:
+  * `load_in_replica(uri, ...)` from the deployment's `__init__`;
+  * `@preload(uri, ...)` under `@serve.deployment`: the weights are loaded before the user's
+    `__init__` runs and handed to it as a keyword argument.
+Ray 2.60 honours `worker_process_setup_hook` only in the job's runtime_env (`ray.init`), not
+in a deployment's `ray_actor_options` (there the field is stored and ignored), so a per-replica
+hook has to live in the replica's class: that is what `preload` does.
+
+Progress goes to the replica's log (logger "ray.serve.warmstart", so Serve's per-replica log
+files show it) and to Ray metrics: `warmstart_load_seconds`, `warmstart_load_bytes` and
+`warmstart_load_progress`, tagged with the checkpoint URI.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from typing import Any, Iterable, Mapping
+
+from warmstart.loader.config import LoaderConfig
+from warmstart.ray_serve.settings import SharingConfig
+
+log = logging.getLogger("ray.serve.warmstart")
+PROGRESS_STEPS = 10  # log lines per load
+
+
+def _metrics():
+    from ray.util import metrics
+
+    tags = ("uri",)
+    return (metrics.Gauge("warmstart_load_seconds", "Seconds the last warmstart load took",
+                          tag_keys=tags),
+            metrics.Counter("warmstart_load_bytes", "Checkpoint bytes loaded by warmstart",
+                            tag_keys=tags),
+            metrics.Gauge("warmstart_load_progress", "Fraction of the current load done",
+                          tag_keys=tags))
+
+
+def loader_config_for(uri: str, config: LoaderConfig | None,
+                      sharing: SharingConfig) -> LoaderConfig:
+    """The loader config that reads `uri` through this node's gateway (for s3:// URIs with
+    sharing on); starts the gateway if needed. Must run in a Ray worker."""
+    cfg = config if config is not None else LoaderConfig.from_env()
+    if sharing.mode == "off" or not uri.startswith("s3://"):
+        return cfg
+    import ray
+
+    from warmstart.ray_serve.gateway import ensure_gateway
+
+    if sharing.s3_endpoint_url is None and cfg.s3_endpoint_url:
+        sharing = sharing.replace(s3_endpoint_url=cfg.s3_endpoint_url)
+    node_id = ray.get_runtime_context().get_node_id()
+    endpoint = ray.get(ensure_gateway(node_id, sharing).endpoint.remote())
+    return cfg.replace(s3_endpoint_url=endpoint, s3_data_path="raw")
+
+
+def load_in_replica(uri: str, device: str = "cpu", *, names: Iterable[str] | None = None,
+                    dtype=None, config: LoaderConfig | None = None,
+                    sharing: SharingConfig | Mapping[str, Any] | None = None) -> dict:
+    """`warmstart.load` for a Serve replica (or any Ray actor): s3:// checkpoints are read
+    through this node's gateway (shared cache, cluster-wide single read), progress and time are
+    logged and exported as Ray metrics. Returns `{name: tensor}`."""
+    from warmstart.loader import load
+
+    if not isinstance(sharing, SharingConfig):
+        sharing = SharingConfig.from_mapping(sharing)
+    seconds_gauge, bytes_counter, progress_gauge = _metrics()
+    tags = {"uri": uri}
+    started = time.perf_counter()
+    cfg = loader_config_for(uri, config, sharing)
+    log.info("warmstart: loading %s to %s (sharing: %s)", uri, device, sharing.mode)
+    state = {"step": 0, "last": 0}
+
+    def progress(done: int, total: int) -> None:
+        bytes_counter.inc(done - state["last"], tags)
+        state["last"] = done
+        frac = done / total if total else 1.0
+        progress_gauge.set(frac, tags)
+        if frac * PROGRESS_STEPS >= state["step"] + 1:
+            state["step"] = int(frac * PROGRESS_STEPS)
+            log.info("warmstart: %s %3.0f%% (%.1f of %.1f MB, %.1fs)", uri, 100 * frac,
+                     done / 1e6, total / 1e6, time.perf_counter() - started)
+
+    tensors = load(uri, device, names=names, dtype=dtype, config=cfg, progress=progress)
+    seconds = time.perf_counter() - started
+    seconds_gauge.set(seconds, tags)
+    progress_gauge.set(1.0, tags)
+    log.info("warmstart: loaded %d tensors (%.1f MB) from %s in %.2fs", len(tensors),
+             state["last"] / 1e6, uri, seconds)
+    return tensors
+
+
+def preload(uri: str, *, argument: str = "weights", device: str = "cpu",
+            config: LoaderConfig | None = None,
+            sharing: SharingConfig | Mapping[str, Any] | None = None, **load_kwargs):
+    """Class decorator: each replica loads `uri` before the class's `__init__` runs, and
+    passes the tensors to it as the keyword argument `argument`.
+
+        @serve.deployment
+        @preload("s3://models/llama/", device="cuda:0")
+        class Model:
+            def __init__(self, weights): ...
+    """
+    def wrap(cls):
+        @functools.wraps(cls, updated=())
+        class Preloaded(cls):
+            def __init__(self, *args, **kwargs):
+                kwargs[argument] = load_in_replica(uri, device, config=config, sharing=sharing,
+                                                   **load_kwargs)
+                super().__init__(*args, **kwargs)
+
+        return Preloaded
+
+    return wrap
