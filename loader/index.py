@@ -34,6 +34,10 @@ def check_shard_name(name: object, source: str) -> str:
     """Shard names are plain relative file names: no absolute paths, no '..', no backslashes."""
     if not isinstance(name, str) or not name or len(name) > 1024:
         raise ShardIndexError(f"{source}: shard name must be a non-empty string, got {name!r}")
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate from a JSON escape: no file has that name
+        raise ShardIndexError(f"{source}: shard name {name!r} is not valid UTF-8") from None
     parts = name.split("/")
     if (name.startswith("/") or "\\" in name or "\x00" in name
             or any(p in ("", ".", "..") for p in parts)):
