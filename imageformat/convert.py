@@ -27,7 +27,7 @@ from .model import (MT_BLOB, MT_CHUNK_INDEX, MT_TOC, TOC, Chunk, Chunking, Descr
 from .sources import detect_kind, docker_archive_layers, oci_layers
 from .pull import plan_ranges
 from .store import ImageStore, blob_key, decode_chunk, gather_limited
-from .toc import check_tree, encode_toc
+from .toc import check_tree, encode_checked_toc
 
 BLOB_SIZE = 64 << 20
 Progress = Callable[[int], None]
@@ -115,7 +115,7 @@ class OrderedCompressor:
 def _finish(store: ImageStore, toc: TOC, used: dict[str, Location], sizes: dict[str, int],
             name: str | None, stats: tuple[int, int, int], profile=None) -> Result:
     check_tree(toc.entries)
-    toc_bytes = encode_toc(toc)
+    toc_bytes = encode_checked_toc(toc)
     index_bytes = encode_chunk_index(used)
     blobs, seen = [], set()
     for c in toc.unique_chunks():

@@ -40,6 +40,15 @@ def verify_digest(data: bytes, digest: str, what: str) -> None:
         raise DigestMismatch(f"{what} {digest}: content hashes to {got}; refusing it")
 
 
+def _utf8(text: str) -> bool:
+    """False for strings with lone surrogates (JSON escapes), which have no UTF-8 form."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _descriptor(obj: object, where: str, media_types: tuple[str, ...], cap: int) -> Descriptor:
     if not isinstance(obj, dict) or not {"mediaType", "digest", "size"} <= set(obj):
         raise ImageFormatError(f"{where}: descriptor needs mediaType, digest and size")
@@ -98,7 +107,7 @@ def parse_manifest(data: bytes) -> Manifest:
     notes = doc.get("annotations", {})
     if (not isinstance(notes, dict) or len(notes) > MAX_ANNOTATIONS
             or not all(isinstance(k, str) and isinstance(v, str) and len(v) <= 4096
-                       for k, v in notes.items())):
+                       and _utf8(k) and _utf8(v) for k, v in notes.items())):
         raise ImageFormatError("manifest: 'annotations' must map strings to short strings")
     return Manifest(toc, index, tuple(blobs), profile, tuple(sorted(notes.items())))
 

@@ -27,7 +27,12 @@ _ENTRY_KEYS = {"path", "type", "mode", "uid", "gid", "mtime_ns", "size", "chunks
 
 def canonical_json(obj) -> bytes:
     """The one byte form of a document: sorted keys, no spaces, UTF-8."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    try:
+        return text.encode()
+    except UnicodeEncodeError as exc:  # a name that came from undecodable bytes
+        raise ImageFormatError(f"document holds text that is not valid UTF-8 "
+                               f"({text[max(0, exc.start - 40):exc.end + 40]!r})") from None
 
 
 def load_json(data: bytes, cap: int, what: str):
@@ -63,11 +68,20 @@ def clean_path(name: str, where: str = "entry") -> str:
     return path
 
 
+def utf8_size(text: str, where: str) -> int:
+    """Bytes of `text` in UTF-8; names that are not UTF-8 (undecodable bytes from a tar or a
+    folder, lone surrogates from JSON escapes) cannot be written in a TOC (SPEC: UTF-8)."""
+    try:
+        return len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise UnsafeEntry(f"{where}: name {text[:200]!r} is not valid UTF-8") from None
+
+
 def check_path(path: str, where: str = "entry") -> None:
     """Refuses anything that is not already a normalized relative path (or "." for root)."""
     if not isinstance(path, str) or not path:
         raise UnsafeEntry(f"{where}: path must be a non-empty string")
-    if len(path.encode("utf-8", "surrogateescape")) > MAX_PATH:
+    if utf8_size(path, where) > MAX_PATH:
         raise FieldTooLarge(f"{where}: path longer than {MAX_PATH} bytes")
     if path == ".":
         return
@@ -76,7 +90,7 @@ def check_path(path: str, where: str = "entry") -> None:
     for part in path.split("/"):
         if part in ("", ".", ".."):
             raise UnsafeEntry(f"{where}: path {path!r} is not normalized (empty, '.' or '..')")
-        if len(part.encode("utf-8", "surrogateescape")) > MAX_NAME:
+        if len(part.encode("utf-8")) > MAX_NAME:
             raise FieldTooLarge(f"{where}: component of {path!r} longer than {MAX_NAME} bytes")
 
 
@@ -84,7 +98,7 @@ def check_symlink(path: str, target: str, where: str = "entry") -> None:
     """A symlink may not climb above the image root; absolute targets resolve from the root."""
     if not isinstance(target, str) or not target or "\x00" in target:
         raise UnsafeEntry(f"{where}: symlink {path!r} has an empty or NUL target")
-    if len(target.encode("utf-8", "surrogateescape")) > MAX_PATH:
+    if utf8_size(target, where) > MAX_PATH:
         raise FieldTooLarge(f"{where}: symlink target of {path!r} longer than {MAX_PATH}")
     if target.startswith("/"):
         depth, parts = 0, target.split("/")
@@ -124,6 +138,15 @@ def encode_toc(toc: TOC) -> bytes:
     return canonical_json(doc)
 
 
+def encode_checked_toc(toc: TOC) -> bytes:
+    """`encode_toc`, refusing with the parser's own named error anything `parse_toc` would
+    refuse (an xattr over its cap, an id out of range): an image is never written that no
+    reader can open."""
+    data = encode_toc(toc)
+    parse_toc(data)
+    return data
+
+
 def _int(obj: dict, key: str, lo: int, hi: int, where: str, default: int | None = None) -> int:
     if key not in obj:
         if default is None:
@@ -154,7 +177,8 @@ def _xattrs(obj: object, where: str) -> tuple[tuple[str, bytes], ...]:
     out = []
     for k in sorted(obj):
         v = obj[k]
-        if not k or len(k) > MAX_XATTR_NAME or "\x00" in k or not isinstance(v, str):
+        if not k or utf8_size(k, where) > MAX_XATTR_NAME or "\x00" in k \
+                or not isinstance(v, str):
             raise ImageFormatError(f"{where}: bad xattr {k[:64]!r}")
         if len(v) > (MAX_XATTR_VALUE * 4) // 3 + 4:
             raise FieldTooLarge(f"{where}: xattr {k!r} value over {MAX_XATTR_VALUE} bytes")
