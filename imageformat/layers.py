@@ -10,6 +10,7 @@ they had when they were made. Member names are cleaned by `toc.clean_path`; abso
 
 from __future__ import annotations
 
+import math
 import os
 import posixpath
 import stat
@@ -122,30 +123,38 @@ class Tree:
             self.children.setdefault(path, set())
 
     def _ensure_dir(self, path: str, child: str) -> None:
-        node = self.nodes.get(path)
-        if node is None:
-            self._ensure_dir(posixpath.dirname(path) or ".", path)
-            self.add(path, Node("dir", 0o755))
-        elif node.type != "dir":
+        missing = []  # a loop, not recursion: paths may have ~2000 components
+        while (node := self.nodes.get(path)) is None:
+            missing.append(path)
+            child, path = path, posixpath.dirname(path) or "."
+        if node.type != "dir":
             raise UnsafeEntry(f"entry {child!r}: parent {path!r} is a {node.type}, not a "
                               "directory")
+        for p in reversed(missing):
+            self.add(p, Node("dir", 0o755))
 
     def opaque(self, path: str, keep: set[str]) -> None:
         """Hides lower-layer content under `path`; `keep` holds this layer's paths and their
         ancestors."""
-        for name in sorted(self.children.get(path, ())):
-            child = self._join(path, name)
-            if child not in keep:
-                self.remove(child)
-            elif self.nodes[child].type == "dir":
-                self.opaque(child, keep)
+        todo = [path]
+        while todo:
+            path = todo.pop()
+            for name in sorted(self.children.get(path, ())):
+                child = self._join(path, name)
+                if child not in keep:
+                    self.remove(child)
+                elif self.nodes[child].type == "dir":
+                    todo.append(child)
 
 
 def _tar_node(m: tarfile.TarInfo, path: str, data_file: str) -> Node:
     xattrs = {k[len("SCHILY.xattr."):]: v.encode("utf-8", "surrogateescape")
               for k, v in m.pax_headers.items() if k.startswith("SCHILY.xattr.")}
+    mtime = float(m.mtime)
+    if not math.isfinite(mtime):  # a pax header may say "inf" or "nan"
+        raise ImageFormatError(f"layer entry {path!r}: mtime {m.mtime!r} is not a time")
     common = dict(mode=m.mode & 0o7777, uid=m.uid, gid=m.gid,
-                  mtime_ns=int(round(float(m.mtime) * 1e9)), xattrs=xattrs)
+                  mtime_ns=int(round(mtime * 1e9)), xattrs=xattrs)
     if m.issparse():
         raise ImageFormatError(f"layer entry {path!r}: sparse files are not supported")
     if m.isreg():
@@ -167,6 +176,13 @@ def _tar_node(m: tarfile.TarInfo, path: str, data_file: str) -> Node:
 
 def apply_layer(tree: Tree, tar_path: str) -> None:
     """Applies one uncompressed layer tar (a file on disk) on top of `tree`."""
+    try:
+        _apply_tar(tree, tar_path)
+    except tarfile.TarError as exc:  # a malformed archive (bad checksum, truncated header)
+        raise ImageFormatError(f"layer {tar_path}: not a readable tar ({exc})") from None
+
+
+def _apply_tar(tree: Tree, tar_path: str) -> None:
     keep: set[str] = set()
     with tarfile.open(tar_path, "r:", encoding="utf-8", errors="surrogateescape") as tf:
         for m in tf:
