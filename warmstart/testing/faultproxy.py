@@ -83,7 +83,8 @@ def reset_mid_body(after_bytes: int) -> Fault:
 
 
 def truncate(after_bytes: int) -> Fault:
-    """Promise the full Content-Length, send `after_bytes` of the body, close normally."""
+    """Promise the full Content-Length, send `after_bytes` of the body, close normally.
+    A body no longer than `after_bytes` is sent whole and the connection stays open."""
     return Fault("truncate", after_bytes=_at_least(int(after_bytes), 0, "after_bytes"))
 
 
@@ -155,7 +156,8 @@ class Rule:
         self.name = name or fault.kind
         self.seen = 0
         self.faulted = 0
-        self._rng = random.Random(seed)
+        self._rng = random.Random(seed)  # which requests fire: exactly Random(seed).random()
+        self._fault_rng = random.Random(f"{seed}/fault")  # what a fault does (flip positions)
         shared = fault.kind == "bandwidth" and not fault.per_connection
         self._bucket = _TokenBucket(fault.bytes_per_second) if shared else None
 
@@ -350,7 +352,7 @@ class FaultProxy:
                     continue
                 self._faulted[rule.name] = self._faulted.get(rule.name, 0) + 1
                 if breaking:
-                    failure, seed = rule.fault, rule._rng.getrandbits(64)
+                    failure, seed = rule.fault, rule._fault_rng.getrandbits(64)
                 else:
                     shaping.append(rule)
         return _Plan(key, tuple(shaping), failure, seed)
@@ -552,7 +554,7 @@ class _Handler(BaseHTTPRequestHandler):
         if buckets:  # small blocks keep a capped stream smooth
             block = max(4096, min(block, int(min(b.rate for b in buckets) / 20)))
         view = memoryview(bytearray(block))
-        sent = 0
+        sent, ended = 0, False
         while True:
             want = block
             if cut is not None:
@@ -565,6 +567,7 @@ class _Handler(BaseHTTPRequestHandler):
                 want = min(want, cut - sent)
             n = response.readinto(view[:want])
             if not n:
+                ended = True
                 break
             if flips:
                 _flip(view, sent, n, flips)
@@ -574,8 +577,9 @@ class _Handler(BaseHTTPRequestHandler):
             sent += n
         if kind == "reset_mid_body":
             return self._reset()
-        if kind == "truncate" or (length is not None and sent < length):
-            self.close_connection = True  # FIN after a short body
+        complete = ended if length is None else sent >= length
+        if not complete:  # cut short (truncate) or upstream ended early: FIN, no more
+            self.close_connection = True
             return
         if chunked:
             self._write(b"0\r\n\r\n")
