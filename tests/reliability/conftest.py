@@ -47,3 +47,14 @@ def proxy(localbucket):
     with FaultProxy(localbucket.endpoint) as proxy:
         yield proxy
     assert not proxy.errors, proxy.errors
+
+
+def pytest_collection_modifyitems(config, items):
+    """Long variants (@pytest.mark.slow) run only when a marker expression is given
+    (`-m slow`, as for tests/vllm); the default run takes the quick ones."""
+    if config.getoption("-m"):
+        return
+    skip = pytest.mark.skip(reason="long variant; run with -m slow")
+    for item in items:
+        if "slow" in item.keywords and "reliability" in str(item.fspath):
+            item.add_marker(skip)
