@@ -405,7 +405,9 @@ class _Server(socketserver.ThreadingTCPServer):
     def handle_error(self, request, client_address) -> None:
         import sys
 
-        self.proxy.errors.append(sys.exc_info()[1])
+        error = sys.exc_info()[1]
+        if not isinstance(error, ConnectionError):  # a client that hung up is no error
+            self.proxy.errors.append(error)
 
 
 class _Handler(BaseHTTPRequestHandler):
