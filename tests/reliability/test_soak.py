@@ -1,0 +1,236 @@
+"""Soak and concurrency: many loads at once in one process and in several processes, all
+bit-identical under a trickle of faults; cancellation (asyncio cancel, KeyboardInterrupt)
+leaves no worker threads or connections behind; with a small budget and a slow consumer the
+loader's extra memory stays bounded throughout the stream (sampled), not only at the end."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+from matrix import CONFIG, oracle, same_bytes, sockets_to
+from warmstart.loader import aload, load
+from warmstart.testing import faultproxy as fp
+from warmstart.testing.checkpoints import make_checkpoint
+
+BUCKET = "soak"
+URI = f"s3://{BUCKET}/m/"
+BIG_URI = f"s3://{BUCKET}/big/"
+MiB = 1 << 20
+
+
+def digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        h.update(name.encode())
+        h.update(tensors[name].contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def data(localbucket, tmp_path_factory):
+    folder = make_checkpoint(tmp_path_factory.mktemp("soak"), 4 << 20, shards=2,
+                             dtype=torch.float16)
+    big = make_checkpoint(tmp_path_factory.mktemp("soakbig"), 64 << 20, shards=2,
+                          dtype=torch.float16, seed=1)
+    localbucket.create_bucket(BUCKET)
+    localbucket.upload_tree(folder, BUCKET, "m")
+    localbucket.upload_tree(big, BUCKET, "big")
+    return oracle(folder)
+
+
+@pytest.fixture
+def env(proxy, localbucket, monkeypatch, data):
+    values = {**localbucket.env(), "AWS_ENDPOINT_URL": proxy.endpoint}
+    for key, value in values.items():
+        monkeypatch.setenv(key, value)
+    return proxy, data, values
+
+
+def leftovers(port: int) -> tuple[set[str], int]:
+    """Loader threads still alive, and connections still open to the endpoint."""
+    deadline = time.monotonic() + 5
+    while True:
+        threads = {t.name for t in threading.enumerate()
+                   if t.name.startswith("warmstart") and not t.name.startswith(
+                       ("warmstart-loop", "warmstart-aux"))}
+        socks = sockets_to(port)
+        if (not threads and not socks) or time.monotonic() > deadline:
+            return threads, socks
+        time.sleep(0.05)
+
+
+def port_of(proxy) -> int:
+    return int(proxy.endpoint.rsplit(":", 1)[1])
+
+
+def test_many_concurrent_loads_in_one_process(env):
+    proxy, want, _ = env
+    proxy.add_rule(fp.reset_mid_body(2048), ranged=True, probability=0.01, seed=4)
+    results, errors = [], []
+
+    def sync_loads():
+        try:
+            for _ in range(2):
+                results.append(load(URI, config=CONFIG))
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    def async_loads():  # the caller's own event loop, beside warmstart's
+        async def main():
+            return await asyncio.gather(*(aload(URI, config=CONFIG) for _ in range(3)))
+        try:
+            results.extend(asyncio.run(main()))
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=sync_loads) for _ in range(4)]
+    threads.append(threading.Thread(target=async_loads))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors, errors
+    assert len(results) == 11
+    assert all(same_bytes(r, want) for r in results)
+    results.clear()
+    assert leftovers(port_of(proxy)) == (set(), 0)
+
+
+CHILD = r"""
+import hashlib, json, sys, torch
+sys.path.insert(0, sys.argv[1])
+from matrix import CONFIG
+from warmstart.loader import load
+out = []
+for _ in range(int(sys.argv[3])):
+    t = load(sys.argv[2], config=CONFIG)
+    h = hashlib.sha256()
+    for name in sorted(t):
+        h.update(name.encode())
+        h.update(t[name].contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    out.append(h.hexdigest())
+print(json.dumps(out))
+"""
+
+
+def test_several_processes_load_at_once(env):
+    proxy, want, values = env
+    proxy.add_rule(fp.status(503, "SlowDown"), ranged=True, probability=0.02, seed=8)
+    here = os.path.dirname(__file__)
+    procs = [subprocess.Popen([sys.executable, "-c", CHILD, here, URI, "1"],
+                              env={**os.environ, **values}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+        assert json.loads(out.strip().splitlines()[-1]) == [digest(want)]
+
+
+def test_asyncio_cancel_mid_s3_load_leaves_nothing(env):
+    proxy, _, _ = env
+    proxy.add_rule(fp.latency(0.05), ranged=True)
+
+    async def main():
+        task = asyncio.create_task(aload(URI, config=CONFIG))
+        await asyncio.sleep(0.4)
+        assert not task.done()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    assert leftovers(port_of(proxy)) == (set(), 0)
+
+
+INTERRUPTED = r"""
+import json, os, sys, threading, time
+sys.path.insert(0, sys.argv[1])
+from matrix import CONFIG, sockets_to
+from warmstart.loader import load
+port = int(os.environ["AWS_ENDPOINT_URL"].rsplit(":", 1)[1])
+load(sys.argv[2], config=CONFIG, names=[])
+print("loading", flush=True)
+try:
+    load(sys.argv[2], config=CONFIG)
+    print(json.dumps({"finished": True}))
+except KeyboardInterrupt:
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        threads = sorted(t.name for t in threading.enumerate() if t.name.startswith(
+            "warmstart") and not t.name.startswith(("warmstart-loop", "warmstart-aux")))
+        socks = sockets_to(port)
+        if not threads and not socks:
+            break
+        time.sleep(0.05)
+    print(json.dumps({"threads": threads, "sockets": socks}))
+"""
+
+
+def test_keyboard_interrupt_mid_load_leaves_nothing(env):
+    proxy, _, values = env
+    proxy.add_rule(fp.bandwidth(2 * MiB), ranged=True)
+    proc = subprocess.Popen([sys.executable, "-c", INTERRUPTED, os.path.dirname(__file__),
+                             URI], env={**os.environ, **values}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "loading"
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err[-3000:]
+    assert json.loads(out.strip().splitlines()[-1]) == {"threads": [], "sockets": 0}
+
+
+SAMPLED = r"""
+import json, sys, threading, time
+from warmstart.loader import LoaderConfig, load, stream
+uri, budget = sys.argv[1], int(sys.argv[2])
+cfg = LoaderConfig(chunk_size=256 << 10, memory_budget=budget, group_size=1 << 20,
+                   concurrency=4, staged=True, s3_data_path="raw")
+load(uri, names=[], config=cfg)  # warm up: loop thread, imports, S3 client code
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096
+before, samples, done = rss(), [], threading.Event()
+def sample():
+    while not done.is_set():
+        samples.append(rss() - before)
+        time.sleep(0.005)
+sampler = threading.Thread(target=sample)
+sampler.start()
+seen = 0
+for name, t in stream(uri, config=cfg):
+    seen += t.numel() * t.element_size()
+    del t
+    time.sleep(0.01)  # a slow consumer: the loader must wait, not pile up data
+done.set()
+sampler.join()
+print(json.dumps({"samples": samples, "seen": seen}))
+"""
+
+
+def test_memory_stays_bounded_throughout_a_slow_stream(env):
+    _, _, values = env
+    budget = 4 * ((256 << 10) + 8192)
+    proc = subprocess.run([sys.executable, "-c", SAMPLED, BIG_URI, str(budget)],
+                          env={**os.environ, **values}, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    samples = r["samples"]
+    assert r["seen"] > 50 * MiB and len(samples) > 100
+    # ring + the group being consumed + 2 groups ahead (1 MiB each) + interpreter noise
+    limit = budget + 3 * MiB + 24 * MiB  # measured here: ~17 MiB worst of ~650 samples
+    worst = max(samples)
+    print(f"worst extra RSS {worst / MiB:.1f} MiB over {len(samples)} samples")
+    assert worst <= limit, (f"extra RSS reached {worst / MiB:.1f} MiB (limit "
+                            f"{limit / MiB:.1f} MiB) while streaming {r['seen'] / MiB:.0f} MiB")
