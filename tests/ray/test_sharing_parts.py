@@ -206,3 +206,21 @@ def test_front_answers_s3_errors_the_loader_understands(localbucket, tmp_path, m
             load(f"s3://{BUCKET}/no-such-prefix/", config=cfg)
     finally:
         front.stop()
+
+
+def test_llm_callback_fills_the_plugin_config():
+    pytest.importorskip("ray.llm._internal.common.callbacks.base")
+    from warmstart.ray_serve.llm import plan_extra_config
+
+    out = plan_extra_config(None, None, "s3://b/m/", "http://127.0.0.1:9")
+    assert out == {"weights": "s3://b/m/", "s3_endpoint_url": "http://127.0.0.1:9",
+                   "s3_data_path": "raw"}
+    # the user's own keys win; a JSON string is accepted (vLLM's CLI form)
+    out = plan_extra_config('{"weights": "s3://b/other/", "chunk_size": "8MiB"}', None,
+                            "s3://b/m/", None)
+    assert out == {"weights": "s3://b/other/", "chunk_size": "8MiB"}
+    # local weights never go through the gateway
+    assert plan_extra_config({}, "/models/m", None, "http://127.0.0.1:9") == {
+        "weights": "/models/m"}
+    with pytest.raises(ConfigError, match="unknown key"):
+        plan_extra_config({"weigths": "x"}, None, None, None)
