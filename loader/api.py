@@ -17,6 +17,7 @@ from warmstart.loader.checkpoint import open_checkpoint
 from warmstart.loader.config import LoaderConfig
 from warmstart.loader.copy import CudaCopyEngine, HostCopyEngine
 from warmstart.loader.header import DTYPES
+from warmstart.loader.mapped import mappable, stream_mapped, typed
 from warmstart.loader.memory import HostRing, host_tensor
 from warmstart.loader.pipeline import Destination, execute
 from warmstart.loader.plan import direct_readable, plan_reads
@@ -63,12 +64,25 @@ async def astream(uri: str, device: str | torch.device = "cpu", *,
         # once no worker thread can still be reading from them.
         inner = await stack.enter_async_context(AsyncExitStack())
         ckpt = await open_checkpoint(uri, cfg, checkpoint_executor, inner)
+        headers = [f.header for f in ckpt.files]
+        mapped = mappable([f.source for f in ckpt.files], headers, dev, cfg)
+        if mapped is not None:  # local, cached, for the CPU: views of the files, no copy
+            count = nbytes = 0
+            async for entry, raw in stream_mapped(mapped, headers, names, cfg.group_size,
+                                                  checkpoint_executor, progress):
+                tensor = typed(entry, raw)
+                if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
+                    tensor = tensor.to(dtype)
+                count, nbytes = count + 1, nbytes + entry.nbytes
+                yield entry.name, tensor
+            _log_done(count, nbytes, uri, dev, started, "mapped from the page cache")
+            return
         # CPU: reads land in the destination, O_DIRECT ones at file-congruent offsets;
         # GPU, forced staging, or O_DIRECT on odd-offset files: through the host ring.
         aligns = [f.source.alignment for f in ckpt.files]
         staged = dev.type == "cuda" or cfg.staged or any(
             a > 1 and not direct_readable(f.header) for a, f in zip(aligns, ckpt.files))
-        plan = plan_reads([f.header for f in ckpt.files], names, chunk_size=cfg.chunk_size,
+        plan = plan_reads(headers, names, chunk_size=cfg.chunk_size,
                           group_size=cfg.group_size, gap_size=cfg.gap_size,
                           read_align=None if staged else aligns)
         backend = ckpt.files[0].source.backend if ckpt.files else "local"
@@ -132,10 +146,15 @@ async def astream(uri: str, device: str | torch.device = "cpu", *,
             if not runner.done():
                 runner.cancel()
             await asyncio.gather(runner, return_exceptions=True)
-        seconds = time.perf_counter() - started
-        log.info("warmstart: %d tensors, %.2f GB from %s to %s in %.2fs (%.2f GB/s)",
-                 len(plan.tensors), total / 1e9, uri, dev, seconds,
-                 total / 1e9 / max(seconds, 1e-9))
+        _log_done(len(plan.tensors), total, uri, dev, started,
+                  "staged" if staged else "read in place")
+
+
+def _log_done(count: int, nbytes: int, uri: str, dev: torch.device, started: float,
+              how: str) -> None:
+    seconds = time.perf_counter() - started
+    log.info("warmstart: %d tensors, %.2f GB from %s to %s in %.2fs (%.2f GB/s, %s)",
+             count, nbytes / 1e9, uri, dev, seconds, nbytes / 1e9 / max(seconds, 1e-9), how)
 
 
 async def aload(uri: str, device: str | torch.device = "cpu", *,

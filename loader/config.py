@@ -62,6 +62,10 @@ class LoaderConfig:
     when most of it is not in the page cache (a cold read from disk)."""
     staged: bool = False
     """Force the host ring even for `device='cpu'` (normally reads land in place)."""
+    mmap: bool | None = None
+    """`device='cpu'`, local files only: map each file (private, copy-on-write) and hand out
+    tensors that view the mapping, its pages made resident before a tensor is handed out; no
+    copy at all. None (auto): when nearly all of every file is already in the page cache."""
     group_size: int = 1 * GiB
     """Destination memory is allocated per group of consecutive tensors of about this size."""
     gap_size: int = 1 * MiB

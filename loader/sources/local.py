@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import errno
+import mmap
 import os
+import weakref
 from concurrent.futures import Executor
 
 from warmstart import _native
@@ -13,6 +16,7 @@ from warmstart.loader.sources.base import Source, Target
 
 DIRECT_ALIGNMENT = 4096
 AUTO_DIRECT_MIN_BYTES = 64 << 20  # small files: not worth a ring
+CACHE_SAMPLE_PAGES = 1024
 
 
 def open_error(path: str, exc: OSError) -> SourceError:
@@ -36,8 +40,7 @@ class LocalFileSource(Source):
                 raise IsADirectoryError(errno.EISDIR, "is a directory")
             if direct is None:  # auto: O_DIRECT only pays off when the data is not cached
                 size = os.fstat(self._fd).st_size
-                direct = size >= AUTO_DIRECT_MIN_BYTES and 0 <= _native.cached_fraction(
-                    self._fd, size, 1024) < 0.5
+                direct = size >= AUTO_DIRECT_MIN_BYTES and 0 <= self.cached_share() < 0.5
             self.alignment = DIRECT_ALIGNMENT if direct else 1
             if direct:  # aligned reads bypass the page cache; unaligned ones (headers) do not
                 self._direct_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_DIRECT)
@@ -51,6 +54,23 @@ class LocalFileSource(Source):
 
     async def size(self) -> int:
         return self._size
+
+    @property
+    def direct(self) -> bool:
+        return self._direct_fd >= 0
+
+    def cached_share(self) -> float:
+        """Share of (sampled) pages of the file in the page cache; -1 when unknown."""
+        size = os.fstat(self._fd).st_size
+        return _native.cached_fraction(self._fd, size, CACHE_SAMPLE_PAGES) if size else 1.0
+
+    def map_private(self, start: int, end: int) -> "FileMapping":
+        """Bytes [start, end) (widened to whole pages), mapped private and copy-on-write:
+        writes never reach the file."""
+        return FileMapping(self.name, self._fd, start, end)
+
+    def current_size(self) -> int:
+        return os.fstat(self._fd).st_size
 
     def _aligned(self, offset: int, target: Target) -> bool:
         a = DIRECT_ALIGNMENT
@@ -81,3 +101,51 @@ class LocalFileSource(Source):
 
     async def close(self) -> None:
         self._close_fds()
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                       ctypes.c_int, ctypes.c_long)
+_libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+_libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+_MAP_FAILED = ctypes.c_void_p(-1).value
+MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux 5.14+
+
+
+class FileMapping:
+    """File bytes [start, end) mapped private and copy-on-write from the page boundary at or
+    below `start` (`offset` = file offset of `buffer[0]`), unmapped once `buffer` and every
+    tensor made from it are gone. It holds no file descriptor."""
+
+    def __init__(self, name: str, fd: int, start: int, end: int) -> None:
+        self.name = name
+        self.offset = start - start % mmap.PAGESIZE
+        self.end = end
+        length = max(end - self.offset, 1)
+        addr = _libc.mmap(None, length, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE,
+                          fd, self.offset)
+        if addr in (None, _MAP_FAILED):
+            code = ctypes.get_errno() or errno.ENOMEM
+            raise SourceError(code, f"{name}: cannot map bytes [{start}, {end}) "
+                                    f"({os.strerror(code)})")
+        self.addr = addr
+        self.buffer = (ctypes.c_ubyte * length).from_address(addr)
+        weakref.finalize(self.buffer, _libc.munmap, addr, length)
+
+    def populate(self) -> None:
+        """Makes the mapped bytes resident (reading from disk what is not cached), with the
+        GIL released; a file cut short meanwhile is a TruncatedFile, never a SIGBUS."""
+        length = len(self.buffer)
+        if _libc.madvise(self.addr, length, MADV_POPULATE_READ) == 0:
+            return
+        code = ctypes.get_errno()
+        if code == errno.EINVAL:  # an older kernel: touch one byte per page instead
+            sum(memoryview(self.buffer).cast("B")[::mmap.PAGESIZE])
+        elif code == errno.EFAULT:
+            raise TruncatedFile(f"{self.name}: the file shrank below {self.end} bytes while "
+                                f"it was being loaded")
+        else:
+            raise SourceError(code or errno.EIO, f"{self.name}: reading bytes "
+                                                 f"[{self.offset}, {self.end}) failed: "
+                                                 f"{os.strerror(code or errno.EIO)}")

@@ -13,9 +13,12 @@ import warmstart
 from loader_helpers import ALL_DTYPES, odd_offset_file, random_tensor
 from warmstart.loader import LoaderConfig, aload, astream, load, stream
 
-TINY = LoaderConfig(chunk_size=4096, memory_budget=3 * (4096 + 8192), group_size=8192)
+TINY = LoaderConfig(chunk_size=4096, memory_budget=3 * (4096 + 8192), group_size=8192,
+                    mmap=False)
 MODES = {
-    "default": LoaderConfig(),
+    "default": LoaderConfig(),  # these files are cached: mapped
+    "mapped-tiny-batches": LoaderConfig(mmap=True, chunk_size=4096, memory_budget=8 << 10,
+                                        group_size=8192),
     "tiny-direct": TINY,
     "tiny-staged": TINY.replace(staged=True),
     "tiny-odirect": TINY.replace(direct_io=True),

@@ -1,0 +1,104 @@
+"""`device='cpu'` from local files already in the page cache: tensors that view the file.
+
+Copying a cached file into fresh anonymous memory costs a page fault and a copy per page
+(2-3 GB/s on these 2-core VMs), while mapping it costs only the page-table entries: the page
+cache already holds the bytes. So when every file of the checkpoint is local and (nearly) all
+cached, batches of about `group_size` bytes are mapped private and copy-on-write (writes to a tensor
+never reach the file, nor other processes) and made resident with `MADV_POPULATE_READ`, in
+file order (a worker thread prepares the next batch while the consumer takes the current one);
+each tensor is handed out as a view once its batch is resident, and a batch's mapping goes
+away with the last of its tensors.
+
+What the caller gives up: the tensors share the page cache's pages, so a file truncated while
+its tensors are alive makes access to the lost pages fail with SIGBUS, as with any mapping
+(safetensors' own `load_file` works the same way). `LoaderConfig(mmap=False)` always copies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import Executor
+from typing import AsyncIterator, Callable, Iterable, Sequence
+
+import torch
+
+from warmstart.errors import TruncatedFile
+from warmstart.loader.config import LoaderConfig
+from warmstart.loader.header import DTYPES, Header, TensorEntry
+from warmstart.loader.plan import _split_groups, direct_readable, select
+from warmstart.loader.sources.base import Source
+from warmstart.loader.sources.local import FileMapping, LocalFileSource
+
+AUTO_CACHED_SHARE = 0.9  # auto: map only files at least this much in the page cache
+
+
+def mappable(sources: Sequence[Source], headers: Sequence[Header], device: torch.device,
+             config: LoaderConfig) -> list[LocalFileSource] | None:
+    """The local sources to map, or None when this load must copy (any file not suited)."""
+    if device.type != "cpu" or config.staged or config.mmap is False or config.direct_io:
+        return None
+    out = []
+    for source, header in zip(sources, headers):
+        local = getattr(source, "inner", source)  # beneath the retry wrapper
+        if type(local) is not LocalFileSource or local.direct or not direct_readable(header):
+            return None
+        if config.mmap is None and local.cached_share() < AUTO_CACHED_SHARE:
+            return None
+        out.append(local)
+    return out or None
+
+
+async def stream_mapped(sources: Sequence[LocalFileSource], headers: Sequence[Header],
+                        names: Iterable[str] | None, group_size: int, executor: Executor,
+                        progress: Callable[[int, int], None] | None = None
+                        ) -> AsyncIterator[tuple[TensorEntry, torch.Tensor]]:
+    """Yields `(entry, uint8 view of its bytes)` in file order, each once it is resident;
+    `progress(done, total)` counts the bytes made resident."""
+    wanted = select(headers, names)
+    batches = [(f, members) for f, entries in enumerate(wanted)
+               for members in _split_groups(entries, group_size) if members]
+
+    def span(batch: tuple[int, list[TensorEntry]]) -> tuple[int, int]:
+        f, members = batch
+        base = headers[f].data_start
+        return base + members[0].begin, base + max(t.end for t in members)
+
+    def prepare(k: int) -> FileMapping:  # on a worker thread
+        mapping = sources[batches[k][0]].map_private(*span(batches[k]))
+        mapping.populate()
+        return mapping
+
+    total = sum(end - start for start, end in map(span, batches))
+    done = 0
+    loop = asyncio.get_running_loop()
+    pending = loop.run_in_executor(executor, prepare, 0) if batches else None
+    try:
+        for k, (f, members) in enumerate(batches):
+            mapping = await pending
+            pending = (loop.run_in_executor(executor, prepare, k + 1)
+                       if k + 1 < len(batches) else None)
+            start, end = span(batches[k])
+            done += end - start
+            if progress is not None:
+                progress(done, total)
+            # Each batch has its own mapping, kept alive by its tensors' views only, so a
+            # consumer that drops tensors holds about two batches.
+            view = torch.frombuffer(mapping.buffer, dtype=torch.uint8)
+            base = headers[f].data_start - mapping.offset
+            del mapping
+            for t in members:
+                # A page cut off by a truncation would fault (SIGBUS) when read: check the
+                # size before each hand-over, so a file that shrinks is a named error.
+                if sources[f].current_size() < headers[f].data_start + t.end:
+                    raise TruncatedFile(f"{sources[f].name}: the file shrank below "
+                                        f"{headers[f].data_start + t.end} bytes while it was "
+                                        f"being loaded (tensor {t.name!r})")
+                yield t, view[base + t.begin:base + t.end]
+            del view
+    finally:
+        if pending is not None:  # it touches only its own mapping; let it finish
+            await asyncio.gather(pending, return_exceptions=True)
+
+
+def typed(entry: TensorEntry, raw: torch.Tensor) -> torch.Tensor:
+    return raw.view(getattr(torch, DTYPES[entry.dtype][0])).reshape(entry.shape)
