@@ -16,7 +16,7 @@ import torch
 from matrix import (BREAKING, CHECKPOINT_BYTES, CONFIG, EXHAUST_ATTEMPTS, MODES, SHARDS,
                     oracle, open_fds, run_load, sockets_to)
 from warmstart.errors import RetriesExhausted
-from warmstart.loader import sync
+from warmstart.loader import load, sync
 from warmstart.testing.checkpoints import make_checkpoint
 
 BUCKET = "loader-faults"
@@ -69,7 +69,7 @@ def test_faults_past_the_retry_bound_fail_named_bounded_and_clean(s3, mode):
     proxy, want = s3
     if not MODES[mode][1]:
         pytest.skip("flipped bytes are not noticed, so they never exhaust retries")
-    run_load(proxy, URI, want, "latency 50 ms", 0.0, seed=0)  # warm: loop thread, imports
+    load(URI, config=CONFIG, names=[])  # warm up: loop thread, imports
     before = _settled()
     cfg = CONFIG.replace(max_attempts=EXHAUST_ATTEMPTS)
     out = run_load(proxy, URI, want, mode, 1.0, seed=0, config=cfg)
