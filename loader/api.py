@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +27,15 @@ log = logging.getLogger("warmstart.loader")
 Progress = Callable[[int, int], None]
 _DONE = object()
 STREAM_GROUPS_AHEAD = 2  # stream(): groups allocated beyond the one being consumed
+
+
+def device_buffer(dev: torch.device, nbytes: int) -> torch.Tensor:
+    """Device memory for one group. torch's caching allocator may hand back a block that
+    kernels queued on its current stream still use; our copies run on another stream, so wait
+    for that stream once per group before writing into the block."""
+    buf = torch.empty(nbytes, dtype=torch.uint8, device=dev)
+    torch.cuda.current_stream(dev).synchronize()
+    return buf
 
 
 def _device(device: str | torch.device) -> torch.device:
@@ -95,7 +105,7 @@ async def astream(uri: str, device: str | torch.device = "cpu", *,
             ring = HostRing(slots, cfg.slot_bytes, pinned=dev.type == "cuda")
             stack.callback(ring.free)  # after the engine closed and the readers stopped
         if dev.type == "cuda":
-            alloc = (lambda n: torch.empty(n, dtype=torch.uint8, device=dev))
+            alloc = functools.partial(device_buffer, dev)
         else:
             alloc = host_tensor
         dest = Destination(plan, alloc)
