@@ -62,9 +62,10 @@ class ChunkCache:
             os.utime(path)  # recently used: evicted last
         return data
 
-    def put(self, data, digest: str | None = None) -> str:
-        """Stores `data`; returns its digest. A given `digest` must match."""
-        actual = sha256(data)
+    def put(self, data, digest: str | None = None, *, verified: bool = False) -> str:
+        """Stores `data`; returns its digest. A given `digest` must match (`verified`: the
+        caller has just hashed `data` itself, so it is not hashed again)."""
+        actual = digest if (verified and digest) else sha256(data)
         if digest is not None and digest != actual:
             raise DigestMismatch(f"chunk cache: bytes hash to {actual}, not {digest}")
         path = self.data_path(actual)
@@ -100,8 +101,9 @@ class ChunkCache:
         data = self.get(digest, verify=verify)
         return None if data is None else (digest, data)
 
-    def put_named(self, key: str, data, digest: str | None = None) -> str:
-        digest = self.put(data, digest)
+    def put_named(self, key: str, data, digest: str | None = None, *,
+                  verified: bool = False) -> str:
+        digest = self.put(data, digest, verified=verified)
         self.remember(key, digest)
         return digest
 

@@ -21,6 +21,7 @@ import logging
 import os
 import threading
 import time
+from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Iterator
 
@@ -57,10 +58,14 @@ class Gateway:
         self._participants: dict[ObjectId, tuple[str, ...]] = {}
         self._failed_peers: set[str] = set()
         self._prefetched: set[ObjectId] = set()
+        self._hot: OrderedDict[str, tuple[str, bytes]] = OrderedDict()  # key -> piece
+        self._hot_bytes = 0
         self._prefetch = ThreadPoolExecutor(max(settings.prefetch, 1),
                                             thread_name_prefix="warmstart-prefetch")
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="warmstart-cache-writer")
         self.counters = {"s3_bytes": 0, "peer_bytes": 0, "cache_bytes": 0, "served_bytes": 0,
-                         "peer_failures": 0, "digest_mismatches": 0, "s3_requests": 0}
+                         "peer_failures": 0, "digest_mismatches": 0, "s3_requests": 0,
+                         "s3_seconds": 0.0, "peer_seconds": 0.0}
 
     def _count(self, name: str, n: int = 1) -> None:
         with self._lock:
@@ -114,12 +119,38 @@ class Gateway:
             yield memoryview(data)[lo:hi]
 
     def piece(self, obj: ObjectId, index: int) -> bytes:
-        return self._single_flight(obj, index, self._obtain)[1]
+        key = self._key(obj, index)
+        with self._lock:
+            hot = self._hot.get(key)
+            if hot is not None:
+                self._hot.move_to_end(key)
+        if hot is None:
+            hot = self._single_flight(obj, index, self._obtain)
+            self._keep_hot(key, hot)
+        return hot[1]
+
+    def _keep_hot(self, key: str, piece: tuple[str, bytes]) -> None:
+        """Recently used pieces stay in memory: the loader's requests do not line up with
+        pieces, so most pieces are asked for twice, and re-reading + re-hashing costs."""
+        n = len(piece[1])
+        with self._lock:
+            if key in self._hot or n > self.settings.memory_size:
+                return
+            self._hot[key] = piece
+            self._hot_bytes += n
+            while self._hot_bytes > self.settings.memory_size:
+                _, (_, old) = self._hot.popitem(last=False)
+                self._hot_bytes -= len(old)
 
     def piece_for_peer(self, obj: ObjectId, index: int) -> tuple[str, bytes]:
         """A piece this node owns, with the digest it had when it was read from object
         storage. The cached copy is not re-hashed here: the asking node checks it."""
-        hit = self.cache.get_named(self._key(obj, index), verify=False)
+        key = self._key(obj, index)
+        with self._lock:
+            hot = self._hot.get(key)
+        if hot is not None:
+            return hot
+        hit = self.cache.get_named(key, verify=False)
         if hit is not None:
             return hit
         return self._single_flight(obj, index, self._from_storage)
@@ -164,6 +195,7 @@ class Gateway:
 
     def _from_peer(self, owner: str, obj: ObjectId, index: int) -> tuple[str, bytes] | None:
         what = f"{obj.name} piece {index} from node {owner[:12]}"
+        started = time.perf_counter()
         try:
             digest, data = self._peer_fetch(owner, obj, index)
         except Exception as exc:  # noqa: BLE001 - any peer failure means: read it ourselves
@@ -174,12 +206,13 @@ class Gateway:
                         "instead, and for this node's later pieces too", what,
                         type(exc).__name__, str(exc)[:200])
             return None
+        self._count("peer_seconds", time.perf_counter() - started)
         if sha256(data) != digest:
             self._count("digest_mismatches")
             log.warning("warmstart gateway: %s does not match its digest %s; reading it "
                         "from object storage", what, digest[:16])
             return None
-        self.cache.put_named(self._key(obj, index), data, digest)
+        self._store(self._key(obj, index), data, digest)
         self._count("peer_bytes", len(data))
         self._on_bytes("peer", len(data))
         return digest, data
@@ -187,11 +220,26 @@ class Gateway:
     def _from_storage(self, obj: ObjectId, index: int) -> tuple[str, bytes]:
         piece = plan.pieces(obj.size, self.settings.piece_size)[index]
         data = self._get_range(obj, piece.offset, piece.length)
-        digest = self.cache.put_named(self._key(obj, index), data)
+        digest = sha256(data)
+        self._store(self._key(obj, index), data, digest)
         return digest, data
+
+    def _store(self, key: str, data: bytes, digest: str) -> None:
+        """Writes a verified piece to the node cache off the read path (readers meanwhile
+        get it from memory: `_keep_hot`, or the single flight that produced it)."""
+        self._keep_hot(key, (digest, data))
+        self._writer.submit(self._quiet_store, key, data, digest)
+
+    def _quiet_store(self, key: str, data: bytes, digest: str) -> None:
+        try:
+            self.cache.put_named(key, data, digest, verified=True)
+        except OSError as exc:  # a full or read-only disk costs refetches, not the load
+            log.warning("warmstart gateway: cannot cache a piece in %s: %s", self.cache.root,
+                        exc)
 
     def _get_range(self, obj: ObjectId, offset: int, length: int) -> bytes:
         what = f"{obj.name} bytes {offset}-{offset + length - 1}"
+        started = time.perf_counter()
         resp = self._call(what, self._client.get_object, Bucket=obj.bucket, Key=obj.key,
                           Range=f"bytes={offset}-{offset + length - 1}")
         with resp["Body"] as body:
@@ -202,17 +250,19 @@ class Gateway:
         if etag and obj.etag and etag != obj.etag:
             raise Retryable(errno.ESTALE, f"{what}: the object changed while it was read "
                                           f"(ETag {etag}, was {obj.etag})")
+        self._count("s3_seconds", time.perf_counter() - started)
         self._count("s3_requests")
         self._count("s3_bytes", length)
         self._on_bytes("s3", length)
         return data
 
     def _call(self, what: str, fn, **kwargs):
-        from warmstart.loader.sources.s3 import map_botocore_error
-
         try:
             return fn(**kwargs)
         except Exception as exc:  # noqa: BLE001 - into warmstart's tree
+            # imported here: the loader package imports torch, which the gateway never needs
+            from warmstart.loader.sources.s3 import map_botocore_error
+
             raise map_botocore_error(exc, what) from exc
 
     # --- shares -------------------------------------------------------------------------
@@ -243,6 +293,10 @@ class Gateway:
         except Exception as exc:  # noqa: BLE001 - a reader asking for it will see the error
             log.debug("warmstart gateway: prefetch of %s piece %d failed: %s", obj.name,
                       index, exc)
+
+    def flush(self) -> None:
+        """Waits until every piece fetched so far is in the node cache."""
+        self._writer.submit(lambda: None).result()
 
     def stats(self) -> dict:
         with self._lock:

@@ -18,10 +18,12 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from typing import Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
-from warmstart.loader.config import LoaderConfig
 from warmstart.ray_serve.settings import SharingConfig
+
+if TYPE_CHECKING:
+    from warmstart.loader.config import LoaderConfig
 
 log = logging.getLogger("ray.serve.warmstart")
 PROGRESS_STEPS = 10  # log lines per load
@@ -43,18 +45,24 @@ def loader_config_for(uri: str, config: LoaderConfig | None,
                       sharing: SharingConfig) -> LoaderConfig:
     """The loader config that reads `uri` through this node's gateway (for s3:// URIs with
     sharing on); starts the gateway if needed. Must run in a Ray worker."""
+    from warmstart.loader.config import LoaderConfig
+
     cfg = config if config is not None else LoaderConfig.from_env()
     if sharing.mode == "off" or not uri.startswith("s3://"):
         return cfg
     import ray
 
+    endpoint = ray.get(start_gateway(sharing).endpoint.remote())
+    return cfg.replace(s3_endpoint_url=endpoint, s3_data_path="raw")
+
+
+def start_gateway(sharing: SharingConfig):
+    """This node's gateway actor (started if needed; does not wait for it)."""
+    import ray
+
     from warmstart.ray_serve.gateway import ensure_gateway
 
-    if sharing.s3_endpoint_url is None and cfg.s3_endpoint_url:
-        sharing = sharing.replace(s3_endpoint_url=cfg.s3_endpoint_url)
-    node_id = ray.get_runtime_context().get_node_id()
-    endpoint = ray.get(ensure_gateway(node_id, sharing).endpoint.remote())
-    return cfg.replace(s3_endpoint_url=endpoint, s3_data_path="raw")
+    return ensure_gateway(ray.get_runtime_context().get_node_id(), sharing)
 
 
 def load_in_replica(uri: str, device: str = "cpu", *, names: Iterable[str] | None = None,
@@ -63,10 +71,12 @@ def load_in_replica(uri: str, device: str = "cpu", *, names: Iterable[str] | Non
     """`warmstart.load` for a Serve replica (or any Ray actor): s3:// checkpoints are read
     through this node's gateway (shared cache, cluster-wide single read), progress and time are
     logged and exported as Ray metrics. Returns `{name: tensor}`."""
-    from warmstart.loader import load
-
     if not isinstance(sharing, SharingConfig):
         sharing = SharingConfig.from_mapping(sharing)
+    if config is not None and config.s3_endpoint_url and sharing.s3_endpoint_url is None:
+        sharing = sharing.replace(s3_endpoint_url=config.s3_endpoint_url)
+    if sharing.mode != "off" and uri.startswith("s3://"):
+        start_gateway(sharing)  # its process starts while this one imports the loader
     seconds_gauge, bytes_counter, progress_gauge = _metrics()
     tags = {"uri": uri}
     started = time.perf_counter()
@@ -83,6 +93,8 @@ def load_in_replica(uri: str, device: str = "cpu", *, names: Iterable[str] | Non
             state["step"] = int(frac * PROGRESS_STEPS)
             log.info("warmstart: %s %3.0f%% (%.1f of %.1f MB, %.1fs)", uri, 100 * frac,
                      done / 1e6, total / 1e6, time.perf_counter() - started)
+
+    from warmstart.loader import load
 
     tensors = load(uri, device, names=names, dtype=dtype, config=cfg, progress=progress)
     seconds = time.perf_counter() - started

@@ -7,7 +7,8 @@ from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
 from warmstart.errors import ConfigError
-from warmstart.loader.config import MiB, parse_size
+
+MiB = 1 << 20
 
 MODES = ("cluster", "node", "off")
 
@@ -30,10 +31,13 @@ class SharingConfig:
     """Seconds to wait for a piece from a peer before reading it from object storage."""
     node_resource: str = "CPU"
     """Only alive nodes with this resource (> 0) take part in 'cluster' mode."""
+    memory_size: int = 256 * MiB
+    """Bytes of recently used pieces a gateway keeps in memory (verified once, when loaded)."""
     prefetch: int = 4
     """Pieces of its own share a gateway fetches ahead, in parallel, once an object is read."""
     s3_endpoint_url: str | None = None
-    """The gateway's object storage endpoint; None: the loader config's, else the AWS default."""
+    """The gateway's object storage endpoint; None: that of the `config=` passed to
+    `load_in_replica`, else AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, else AWS."""
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -44,6 +48,8 @@ class SharingConfig:
             raise ConfigError("cache_size must hold at least one piece")
         if self.peer_timeout <= 0:
             raise ConfigError("peer_timeout must be > 0")
+        if self.memory_size < 0:
+            raise ConfigError("memory_size must be >= 0")
         if self.prefetch < 0:
             raise ConfigError("prefetch must be >= 0")
         if not self.cache_dir:
@@ -61,8 +67,10 @@ class SharingConfig:
         if unknown:
             raise ConfigError(f"unknown sharing option(s) {', '.join(map(repr, unknown))}; "
                               f"valid options are: {', '.join(cls.keys())}")
-        for key in ("cache_size", "piece_size"):
-            if key in values:
+        for key in ("cache_size", "piece_size", "memory_size"):
+            if isinstance(values.get(key), str):  # the loader (and torch) only when needed:
+                from warmstart.loader.config import parse_size  # the gateway never needs it
+
                 values[key] = parse_size(values[key], key)
         for key in ("peer_timeout",):
             if key in values:

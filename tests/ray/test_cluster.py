@@ -50,8 +50,6 @@ class Replica:
 
 @pytest.fixture(scope="module")
 def cluster(localbucket, s3_checkpoint):
-    from ray.cluster_utils import Cluster
-
     from warmstart.testing.faultproxy import FaultProxy
 
     proxy = FaultProxy(localbucket.endpoint).start()
@@ -59,11 +57,7 @@ def cluster(localbucket, s3_checkpoint):
            "PYTHONPATH": str(Path(__file__).parent)}
     system = {"health_check_period_ms": 500, "health_check_failure_threshold": 3,
               "health_check_timeout_ms": 500}
-    c = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 0, "object_store_memory": 100 << 20, "_system_config": system,
-        "include_dashboard": False})
-    nodes = [c.add_node(num_cpus=1, object_store_memory=120 << 20) for _ in range(NODES)]
-    c.wait_for_nodes()
+    c, nodes = _start_cluster(system)
     ray.init(address=c.address, runtime_env={"env_vars": env}, logging_level="warning")
     try:
         yield c, nodes, proxy
@@ -71,6 +65,26 @@ def cluster(localbucket, s3_checkpoint):
         ray.shutdown()
         c.shutdown()
         proxy.stop()
+
+
+def _start_cluster(system: dict, attempts: int = 2):
+    """Ray waits a fixed 30 s for each node to register; on a busy 2-core machine that can
+    pass, so a failed start is retried once from scratch."""
+    from ray.cluster_utils import Cluster
+
+    for attempt in range(attempts):
+        c = Cluster(initialize_head=True, head_node_args={
+            "num_cpus": 0, "object_store_memory": 100 << 20, "_system_config": system,
+            "include_dashboard": False})
+        try:
+            nodes = [c.add_node(num_cpus=1, object_store_memory=120 << 20)
+                     for _ in range(NODES)]
+            c.wait_for_nodes()
+            return c, nodes
+        except Exception:  # noqa: BLE001 - Ray raises a bare Exception on a slow start
+            c.shutdown()
+            if attempt + 1 == attempts:
+                raise
 
 
 def _replicas(nodes):

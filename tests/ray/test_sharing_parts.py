@@ -157,8 +157,13 @@ def test_two_gateways_read_storage_once_and_catch_a_corrupt_peer(s3_checkpoint, 
         assert a["s3_bytes"] + b["s3_bytes"] <= 1.2 * size, (a, b)
         assert a["peer_bytes"] > 0 and b["peer_bytes"] + b["cache_bytes"] > 0
 
-        # Damage every piece node-b holds on disk, empty node-a's cache: node-a must notice
-        # the peer's bytes do not match their digest and read object storage instead.
+        # Damage every piece node-b holds on disk and restart it (its memory is gone), empty
+        # node-a's cache: node-a must notice the peer's bytes do not match their digest and
+        # read object storage instead.
+        for gw in pair.gw.values():
+            gw.flush()
+        pair.gw["node-b"] = Gateway(pair.gw["node-b"].settings, "node-b",
+                                    nodes=lambda: ("node-a", "node-b"), peer_fetch=pair.fetch)
         for f in (tmp_path / "node-b" / "data").rglob("*"):
             if f.is_file():
                 data = bytearray(f.read_bytes())

@@ -1,0 +1,154 @@
+"""Benchmark: `serve.run` to the first answer, and bytes read from object storage, for N
+replicas on N simulated nodes (`ray.cluster_utils.Cluster`), warmstart vs download-then-load.
+
+  python -m warmstart.ray_serve.bench --size 1GiB --nodes 1 2 3 --runs 3 --out DIR
+
+The checkpoint (2 bf16 shards) lives in a local `localbucket` S3 server behind a counting proxy.
+Methods, measured side by side in the same clusters (order alternating per repetition):
+  warmstart  `load_in_replica` with cluster sharing (fresh chunk cache and gateways each run)
+  download   Ray's own download path for ray.serve.llm (`CloudFileSystem.download_model`, all
+             files to a fresh folder on local disk), then `safetensors.torch.load_file`
+Writes DIR/ray_serve_bench.json and prints a markdown table (medians).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+METHODS = ("warmstart", "download")
+BUCKET = "bench"
+
+
+class BenchReplica:
+    def __init__(self, method: str, uri: str, workdir: str, sharing: dict) -> None:
+        if method == "warmstart":
+            from warmstart.ray_serve import load_in_replica
+
+            self.weights = load_in_replica(uri, "cpu", sharing=sharing)
+            return
+        from ray.llm._internal.common.utils.cloud_utils import CloudFileSystem
+        from safetensors.torch import load_file
+
+        dest = tempfile.mkdtemp(dir=workdir)
+        CloudFileSystem.download_model(destination_path=dest, bucket_uri=uri,
+                                       tokenizer_only=False)
+        self.weights = {}
+        for path in sorted(Path(dest).rglob("*.safetensors")):
+            self.weights.update(load_file(path))
+
+    def ready(self) -> int:
+        return len(self.weights)
+
+
+def _one(serve, n: int, method: str, uri: str, work: Path, run: str):
+    from warmstart.ray_serve.gateway import stop_gateways
+
+    sharing = {"cache_dir": str(work / f"chunks-{run}-{{node_id}}")}
+    deployment = serve.deployment(
+        BenchReplica, name="bench", num_replicas=n,
+        ray_actor_options={"num_cpus": 0, "resources": {"bench_node": 1}})
+    started = time.perf_counter()
+    handle = serve.run(deployment.bind(method, uri, str(work), sharing), name=run,
+                       route_prefix=None)
+    handle.ready.remote().result()
+    seconds = time.perf_counter() - started
+    serve.delete(run)
+    stop_gateways()
+    for child in work.iterdir():
+        shutil.rmtree(child, ignore_errors=True)
+    return seconds
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", default="1GiB")
+    parser.add_argument("--nodes", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--out", default="ray-bench-results")
+    args = parser.parse_args(argv)
+
+    import ray
+    from ray import serve
+    from ray.cluster_utils import Cluster
+
+    from warmstart.loader.config import parse_size
+    from warmstart.testing.checkpoints import make_checkpoint
+    from warmstart.testing.faultproxy import FaultProxy
+    from warmstart.testing.s3server import running_server
+
+    size = parse_size(args.size, "--size")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="ws-ray-bench-") as tmp, \
+            running_server("localbucket", os.path.join(tmp, "s3")) as server:
+        folder = make_checkpoint(Path(tmp) / "ckpt", size, shards=2)
+        ckpt_bytes = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+        server.create_bucket(BUCKET)
+        server.upload_tree(folder, BUCKET, "ckpt")
+        shutil.rmtree(folder)
+        uri = f"s3://{BUCKET}/ckpt/"
+        with FaultProxy(server.endpoint) as proxy:
+            env = {**server.env(), "AWS_ENDPOINT_URL": proxy.endpoint}
+            for n in args.nodes:
+                cluster = Cluster(initialize_head=True, head_node_args={
+                    "num_cpus": 1, "include_dashboard": False,
+                    "object_store_memory": 256 << 20})
+                for _ in range(n):
+                    cluster.add_node(num_cpus=1, resources={"bench_node": 1},
+                                     object_store_memory=max(256 << 20, 2 * size))
+                cluster.wait_for_nodes()
+                ray.init(address=cluster.address, runtime_env={"env_vars": env},
+                         logging_level="error", log_to_driver=False)
+                serve.start(http_options={"location": "NoServer"})
+                work = Path(tmp) / "work"
+                work.mkdir(exist_ok=True)
+                try:
+                    for rep in range(args.runs):
+                        # alternate which method goes first, so neither always pays for a
+                        # cold cluster (first worker processes, Serve's first deployment)
+                        for method in (METHODS if rep % 2 == 0 else METHODS[::-1]):
+                            proxy.reset_stats()
+                            seconds = _one(serve, n, method, uri, work, f"r{n}{method}{rep}")
+                            proxy.wait_idle(60)
+                            read = sum(v for k, v in proxy.stats().bytes_by_key.items()
+                                       if k.endswith(".safetensors"))
+                            rows.append({"nodes": n, "method": method, "run": rep,
+                                         "seconds": seconds, "s3_bytes": read,
+                                         "s3_ratio": read / ckpt_bytes})
+                            print(json.dumps(rows[-1]), flush=True)
+                finally:
+                    serve.shutdown()
+                    ray.shutdown()
+                    cluster.shutdown()
+    summary = []
+    for n in args.nodes:
+        for method in METHODS:
+            mine = [r for r in rows if r["nodes"] == n and r["method"] == method]
+            summary.append({"nodes": n, "method": method,
+                            "median_seconds": statistics.median(r["seconds"] for r in mine),
+                            "median_s3_ratio": statistics.median(r["s3_ratio"] for r in mine),
+                            "runs": len(mine)})
+    result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "command": "python -m warmstart.ray_serve.bench " + " ".join(argv or []),
+              "checkpoint_bytes": ckpt_bytes, "machine": f"{os.cpu_count()} CPUs, "
+              f"{platform.machine()}", "rows": rows, "summary": summary}
+    (out / "ray_serve_bench.json").write_text(json.dumps(result, indent=2))
+    print(f"\ncheckpoint {ckpt_bytes / 1e9:.2f} GB, median of {args.runs} runs\n")
+    print("| nodes = replicas | method | serve.run to first answer (s) | S3 bytes / checkpoint |")
+    print("|---|---|---|---|")
+    for s in summary:
+        print(f"| {s['nodes']} | {s['method']} | {s['median_seconds']:.1f} | "
+              f"{s['median_s3_ratio']:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
