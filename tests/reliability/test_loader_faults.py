@@ -57,8 +57,12 @@ def test_fault_mode_at_rate(s3, mode, rate):
     out = run_load(proxy, URI, want, mode, rate, seed=3)
     if MODES[mode][1]:  # a fault warmstart notices: retried until the bytes are right
         assert out.result == "identical", out
-    else:  # flipped bytes in weights: nothing checks them (docs/RELIABILITY.md)
-        assert out.result == ("wrong-bytes" if out.faults else "identical"), out
+    elif not out.faults:
+        assert out.result == "identical", out
+    else:  # flipped bytes in weights: nothing checks them (docs/RELIABILITY.md); a flip in
+        # a header or the index is refused by its parser; one in the part of a header read
+        # that is not used changes nothing
+        assert out.result in ("wrong-bytes", "named-error", "identical"), out
     if rate == 0.1:
         assert out.faults > 0, "the fault never fired: the test proved nothing"
     assert out.rss_growth < 64 * MiB, out
