@@ -2,6 +2,7 @@
 
 #include <dlfcn.h>
 
+#include <atomic>
 #include <mutex>
 
 namespace warmstart::cuda {
@@ -14,6 +15,7 @@ using Event = void*;
 constexpr unsigned kHostAllocPortable = 1;
 constexpr unsigned kHostRegisterPortable = 1;
 constexpr unsigned kStreamNonBlocking = 1;
+constexpr unsigned kEventBlockingSync = 1;  // the waiting thread sleeps instead of spinning
 constexpr unsigned kEventDisableTiming = 2;
 constexpr int kMemcpyHostToDevice = 1;
 constexpr int kNotLoaded = -1;
@@ -27,6 +29,7 @@ struct Api {
   Err (*HostUnregister)(void*) = nullptr;
   Err (*StreamCreateWithFlags)(Stream*, unsigned) = nullptr;
   Err (*StreamDestroy)(Stream) = nullptr;
+  Err (*StreamSynchronize)(Stream) = nullptr;
   Err (*MemcpyAsync)(void*, const void*, size_t, int, Stream) = nullptr;
   Err (*EventCreateWithFlags)(Event*, unsigned) = nullptr;
   Err (*EventRecord)(Event, Stream) = nullptr;
@@ -38,6 +41,10 @@ struct Api {
 
 Api api;
 void* handle = nullptr;
+// Set once the runtime resolved and answered, never cleared: the calls below check it
+// without a lock while other threads may be in load(). `reason` is only touched under the
+// mutex.
+std::atomic<bool> ready{false};
 std::string reason = "CUDA runtime not loaded yet";
 std::mutex load_mutex;
 
@@ -56,6 +63,7 @@ bool resolve_all() {
          resolve(api.HostUnregister, "cudaHostUnregister") &&
          resolve(api.StreamCreateWithFlags, "cudaStreamCreateWithFlags") &&
          resolve(api.StreamDestroy, "cudaStreamDestroy") &&
+         resolve(api.StreamSynchronize, "cudaStreamSynchronize") &&
          resolve(api.MemcpyAsync, "cudaMemcpyAsync") &&
          resolve(api.EventCreateWithFlags, "cudaEventCreateWithFlags") &&
          resolve(api.EventRecord, "cudaEventRecord") &&
@@ -100,15 +108,20 @@ int load(const std::string& extra_path) {
   int count = 0;
   Err err = api.GetDeviceCount(&count);
   if (err != 0) {
-    reason = std::string("cudaGetDeviceCount failed: ") + api.GetErrorString(err);
-    return -1;
+    if (!ready.load()) reason = std::string("cudaGetDeviceCount failed: ") + api.GetErrorString(err);
+    return ready.load() ? 0 : -1;
   }
   reason.clear();
+  ready.store(true);
   return count;
 }
 
-bool loaded() { return handle != nullptr && reason.empty(); }
-const std::string& why() { return reason; }
+bool loaded() { return ready.load(); }
+
+std::string why() {
+  std::lock_guard<std::mutex> lock(load_mutex);
+  return reason;
+}
 
 const char* error_string(int code) {
   if (code == kNotLoaded) return "CUDA runtime not loaded";
@@ -142,8 +155,16 @@ int stream_create(int device, uintptr_t* out) {
   return e;
 }
 
-int stream_destroy(uintptr_t stream) {
-  return loaded() ? api.StreamDestroy(reinterpret_cast<Stream>(stream)) : kNotLoaded;
+int stream_destroy(int device, uintptr_t stream) {
+  if (!loaded()) return kNotLoaded;
+  if (Err e = api.SetDevice(device)) return e;
+  return api.StreamDestroy(reinterpret_cast<Stream>(stream));
+}
+
+int stream_synchronize(int device, uintptr_t stream) {
+  if (!loaded()) return kNotLoaded;
+  if (Err e = api.SetDevice(device)) return e;
+  return api.StreamSynchronize(reinterpret_cast<Stream>(stream));
 }
 
 int memcpy_h2d_async(int device, void* dst, const void* src, uint64_t n, uintptr_t stream) {
@@ -156,7 +177,7 @@ int event_create(int device, uintptr_t* out) {
   if (!loaded()) return kNotLoaded;
   if (Err e = api.SetDevice(device)) return e;
   Event ev = nullptr;
-  Err e = api.EventCreateWithFlags(&ev, kEventDisableTiming);
+  Err e = api.EventCreateWithFlags(&ev, kEventDisableTiming | kEventBlockingSync);
   *out = reinterpret_cast<uintptr_t>(ev);
   return e;
 }
@@ -167,16 +188,24 @@ int event_record(int device, uintptr_t event, uintptr_t stream) {
   return api.EventRecord(reinterpret_cast<Event>(event), reinterpret_cast<Stream>(stream));
 }
 
-int event_query(uintptr_t event) {
-  return loaded() ? api.EventQuery(reinterpret_cast<Event>(event)) : kNotLoaded;
+// Every call that touches a device object first makes its device current on the calling
+// thread: a thread that never chose one would otherwise start a context on device 0.
+int event_query(int device, uintptr_t event) {
+  if (!loaded()) return kNotLoaded;
+  if (Err e = api.SetDevice(device)) return e;
+  return api.EventQuery(reinterpret_cast<Event>(event));
 }
 
-int event_synchronize(uintptr_t event) {
-  return loaded() ? api.EventSynchronize(reinterpret_cast<Event>(event)) : kNotLoaded;
+int event_synchronize(int device, uintptr_t event) {
+  if (!loaded()) return kNotLoaded;
+  if (Err e = api.SetDevice(device)) return e;
+  return api.EventSynchronize(reinterpret_cast<Event>(event));
 }
 
-int event_destroy(uintptr_t event) {
-  return loaded() ? api.EventDestroy(reinterpret_cast<Event>(event)) : kNotLoaded;
+int event_destroy(int device, uintptr_t event) {
+  if (!loaded()) return kNotLoaded;
+  if (Err e = api.SetDevice(device)) return e;
+  return api.EventDestroy(reinterpret_cast<Event>(event));
 }
 
 }  // namespace warmstart::cuda

@@ -10,7 +10,7 @@ namespace warmstart::cuda {
 // then `extra_path` when non-empty. Returns the device count, or -1 with why() set.
 int load(const std::string& extra_path);
 bool loaded();
-const std::string& why();
+std::string why();
 
 // Every call below returns a cudaError_t code (0 is success); error_string names it.
 const char* error_string(int code);
@@ -20,12 +20,13 @@ void host_free(void* ptr);
 int host_register(void* ptr, uint64_t nbytes);
 int host_unregister(void* ptr);
 int stream_create(int device, uintptr_t* out);
-int stream_destroy(uintptr_t stream);
+int stream_destroy(int device, uintptr_t stream);
+int stream_synchronize(int device, uintptr_t stream);
 int memcpy_h2d_async(int device, void* dst, const void* src, uint64_t n, uintptr_t stream);
 int event_create(int device, uintptr_t* out);
 int event_record(int device, uintptr_t event, uintptr_t stream);
-int event_query(uintptr_t event);  // 0 done, 600 (cudaErrorNotReady) pending, else error
-int event_synchronize(uintptr_t event);
-int event_destroy(uintptr_t event);
+int event_query(int device, uintptr_t event);  // 0 done, 600 (cudaErrorNotReady) pending
+int event_synchronize(int device, uintptr_t event);
+int event_destroy(int device, uintptr_t event);
 
 }  // namespace warmstart::cuda

@@ -97,14 +97,20 @@ PyObject* py_cuda_stream_create(PyObject*, PyObject* args) {
   int device;
   if (!PyArg_ParseTuple(args, "i", &device)) return nullptr;
   uintptr_t s = 0;
-  int err = cuda::stream_create(device, &s);
-  return Py_BuildValue("(iK)", err, static_cast<unsigned long long>(s));
+  int err;
+  Py_BEGIN_ALLOW_THREADS err = cuda::stream_create(device, &s);  // may create a context
+  Py_END_ALLOW_THREADS return Py_BuildValue("(iK)", err, static_cast<unsigned long long>(s));
 }
 
-PyObject* py_cuda_stream_destroy(PyObject*, PyObject* args) {
-  unsigned long long s;
-  if (!PyArg_ParseTuple(args, "K", &s)) return nullptr;
-  return PyLong_FromLong(cuda::stream_destroy(s));
+// (device, handle) -> cudaError_t, with the GIL released: fn(device, handle)
+template <int (*fn)(int, uintptr_t)>
+PyObject* device_call(PyObject*, PyObject* args) {
+  int device;
+  unsigned long long handle;
+  if (!PyArg_ParseTuple(args, "iK", &device, &handle)) return nullptr;
+  int err;
+  Py_BEGIN_ALLOW_THREADS err = fn(device, handle);
+  Py_END_ALLOW_THREADS return PyLong_FromLong(err);
 }
 
 PyObject* py_cuda_memcpy_h2d_async(PyObject*, PyObject* args) {
@@ -120,35 +126,18 @@ PyObject* py_cuda_event_create(PyObject*, PyObject* args) {
   int device;
   if (!PyArg_ParseTuple(args, "i", &device)) return nullptr;
   uintptr_t ev = 0;
-  int err = cuda::event_create(device, &ev);
-  return Py_BuildValue("(iK)", err, static_cast<unsigned long long>(ev));
+  int err;
+  Py_BEGIN_ALLOW_THREADS err = cuda::event_create(device, &ev);
+  Py_END_ALLOW_THREADS return Py_BuildValue("(iK)", err, static_cast<unsigned long long>(ev));
 }
 
 PyObject* py_cuda_event_record(PyObject*, PyObject* args) {
   int device;
   unsigned long long ev, stream;
   if (!PyArg_ParseTuple(args, "iKK", &device, &ev, &stream)) return nullptr;
-  return PyLong_FromLong(cuda::event_record(device, ev, stream));
-}
-
-PyObject* py_cuda_event_query(PyObject*, PyObject* args) {
-  unsigned long long ev;
-  if (!PyArg_ParseTuple(args, "K", &ev)) return nullptr;
-  return PyLong_FromLong(cuda::event_query(ev));
-}
-
-PyObject* py_cuda_event_synchronize(PyObject*, PyObject* args) {
-  unsigned long long ev;
-  if (!PyArg_ParseTuple(args, "K", &ev)) return nullptr;
   int err;
-  Py_BEGIN_ALLOW_THREADS err = cuda::event_synchronize(ev);
+  Py_BEGIN_ALLOW_THREADS err = cuda::event_record(device, ev, stream);
   Py_END_ALLOW_THREADS return PyLong_FromLong(err);
-}
-
-PyObject* py_cuda_event_destroy(PyObject*, PyObject* args) {
-  unsigned long long ev;
-  if (!PyArg_ParseTuple(args, "K", &ev)) return nullptr;
-  return PyLong_FromLong(cuda::event_destroy(ev));
 }
 
 PyObject* py_fastcdc_cuts(PyObject*, PyObject* args) {
@@ -196,14 +185,20 @@ PyMethodDef methods[] = {
     {"cuda_host_register", py_cuda_host_register, METH_VARARGS, "-> cudaError_t"},
     {"cuda_host_unregister", py_cuda_host_unregister, METH_VARARGS, "-> cudaError_t"},
     {"cuda_stream_create", py_cuda_stream_create, METH_VARARGS, "-> (err, stream)"},
-    {"cuda_stream_destroy", py_cuda_stream_destroy, METH_VARARGS, "-> cudaError_t"},
+    {"cuda_stream_destroy", device_call<cuda::stream_destroy>, METH_VARARGS,
+     "cuda_stream_destroy(device, stream) -> cudaError_t"},
+    {"cuda_stream_synchronize", device_call<cuda::stream_synchronize>, METH_VARARGS,
+     "cuda_stream_synchronize(device, stream) -> cudaError_t"},
     {"cuda_memcpy_h2d_async", py_cuda_memcpy_h2d_async, METH_VARARGS,
      "cuda_memcpy_h2d_async(device, dst, src, n, stream) -> cudaError_t"},
     {"cuda_event_create", py_cuda_event_create, METH_VARARGS, "-> (err, event)"},
     {"cuda_event_record", py_cuda_event_record, METH_VARARGS, "-> cudaError_t"},
-    {"cuda_event_query", py_cuda_event_query, METH_VARARGS, "-> 0 done, 600 pending, else err"},
-    {"cuda_event_synchronize", py_cuda_event_synchronize, METH_VARARGS, "-> cudaError_t"},
-    {"cuda_event_destroy", py_cuda_event_destroy, METH_VARARGS, "-> cudaError_t"},
+    {"cuda_event_query", device_call<cuda::event_query>, METH_VARARGS,
+     "cuda_event_query(device, event) -> 0 done, 600 pending, else err"},
+    {"cuda_event_synchronize", device_call<cuda::event_synchronize>, METH_VARARGS,
+     "cuda_event_synchronize(device, event) -> cudaError_t"},
+    {"cuda_event_destroy", device_call<cuda::event_destroy>, METH_VARARGS,
+     "cuda_event_destroy(device, event) -> cudaError_t"},
     {"fastcdc_cuts", py_fastcdc_cuts, METH_VARARGS,
      "fastcdc_cuts(buffer, min, avg, max, final) -> list of chunk lengths"},
     {"gear_table", py_gear_table, METH_NOARGS, "the chunker's 256 gear values"},

@@ -57,6 +57,10 @@ def check(code: int, what: str) -> None:
 
 
 class CudaCopyEngine:
+    """Host-to-device copies on a stream of its own. `copy` returns only once the GPU has
+    finished reading the source, so the caller may reuse it; on any failure or cancellation
+    after a copy was queued, it waits for the stream before returning."""
+
     def __init__(self, device: int) -> None:
         if cuda_device_count() <= device:
             raise CudaUnavailable(f"cuda:{device} requested but not usable: "
@@ -75,20 +79,37 @@ class CudaCopyEngine:
         return event
 
     async def copy(self, dst: int, src: int, n: int) -> None:
-        check(_native.cuda_memcpy_h2d_async(self.device, dst, src, n, self.stream),
-              "cudaMemcpyAsync")
         event = self._event()
-        check(_native.cuda_event_record(self.device, event, self.stream), "cudaEventRecord")
-        code = await asyncio.get_running_loop().run_in_executor(
-            self._waiter, _native.cuda_event_synchronize, event)
-        self._events.append(event)
-        check(code, "cudaEventSynchronize")
+        loop = asyncio.get_running_loop()
+        queued = settled = False
+        try:
+            check(_native.cuda_memcpy_h2d_async(self.device, dst, src, n, self.stream),
+                  "cudaMemcpyAsync")
+            queued = True
+            check(_native.cuda_event_record(self.device, event, self.stream),
+                  "cudaEventRecord")
+            wait = loop.run_in_executor(self._waiter, _native.cuda_event_synchronize,
+                                        self.device, event)
+            try:
+                code = await asyncio.shield(wait)
+            except asyncio.CancelledError:
+                await asyncio.wait({wait})  # the source stays in use until the GPU is done
+                raise
+            check(code, "cudaEventSynchronize")
+            settled = True
+        finally:
+            if queued and not settled:  # never hand the source back while a copy reads it
+                await loop.run_in_executor(self._waiter, _native.cuda_stream_synchronize,
+                                           self.device, self.stream)
+            self._events.append(event)
 
     def close(self) -> None:
         self._waiter.shutdown(wait=True)
+        if self.stream:
+            _native.cuda_stream_synchronize(self.device, self.stream)
         for event in self._events:
-            _native.cuda_event_destroy(event)
+            _native.cuda_event_destroy(self.device, event)
         self._events.clear()
         if self.stream:
-            _native.cuda_stream_destroy(self.stream)
+            _native.cuda_stream_destroy(self.device, self.stream)
             self.stream = 0
