@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
@@ -20,7 +21,7 @@ from warmstart.loader.copy import CudaCopyEngine, HostCopyEngine
 from warmstart.loader.header import DTYPES
 from warmstart.loader.mapped import mappable, stream_mapped, typed
 from warmstart.loader.memory import HostRing, host_tensor
-from warmstart.loader.pipeline import Destination, execute
+from warmstart.loader.pipeline import Destination, execute, settle
 from warmstart.loader.plan import direct_readable, plan_reads
 
 log = logging.getLogger("warmstart.loader")
@@ -69,22 +70,25 @@ async def astream(uri: str, device: str | torch.device = "cpu", *,
     started = time.perf_counter()
     async with AsyncExitStack() as stack:
         checkpoint_executor = ThreadPoolExecutor(32, thread_name_prefix="warmstart-io")
-        stack.push_async_callback(asyncio.to_thread, checkpoint_executor.shutdown, True)
-        # Registered after the executor's shutdown, so it runs first: sources close only
-        # once no worker thread can still be reading from them.
         inner = await stack.enter_async_context(AsyncExitStack())
+        # Registered after the sources' stack, so it runs first (LIFO): sources close only
+        # once no worker thread can still be reading from them.
+        stack.push_async_callback(asyncio.to_thread, checkpoint_executor.shutdown, True)
         ckpt = await open_checkpoint(uri, cfg, checkpoint_executor, inner)
         headers = [f.header for f in ckpt.files]
         mapped = mappable([f.source for f in ckpt.files], headers, dev, cfg)
         if mapped is not None:  # local, cached, for the CPU: views of the files, no copy
             count = nbytes = 0
-            async for entry, raw in stream_mapped(mapped, headers, names, cfg.group_size,
-                                                  checkpoint_executor, progress):
-                tensor = typed(entry, raw)
-                if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
-                    tensor = tensor.to(dtype)
-                count, nbytes = count + 1, nbytes + entry.nbytes
-                yield entry.name, tensor
+            views = stream_mapped(mapped, headers, names, cfg.group_size, checkpoint_executor,
+                                  progress)
+            async with contextlib.aclosing(views):  # its worker finishes before we close
+                async for entry, raw in views:
+                    tensor = typed(entry, raw)
+                    if dtype is not None and tensor.is_floating_point() and \
+                            tensor.dtype != dtype:
+                        tensor = tensor.to(dtype)
+                    count, nbytes = count + 1, nbytes + entry.nbytes
+                    yield entry.name, tensor
             _log_done(count, nbytes, uri, dev, started, "mapped from the page cache")
             return
         # CPU: reads land in the destination, O_DIRECT ones at file-congruent offsets;
@@ -99,11 +103,11 @@ async def astream(uri: str, device: str | torch.device = "cpu", *,
         concurrency = cfg.read_concurrency(backend)
         ring = engine = None
         if staged:
-            engine = (CudaCopyEngine(dev.index) if dev.type == "cuda" else HostCopyEngine())
-            stack.callback(engine.close)
             slots = max(2, min(cfg.ring_slots, len(plan.chunks)))
             ring = HostRing(slots, cfg.slot_bytes, pinned=dev.type == "cuda")
-            stack.callback(ring.free)  # after the engine closed and the readers stopped
+            stack.callback(ring.free)  # LIFO: runs after the engine closed (below)
+            engine = (CudaCopyEngine(dev.index) if dev.type == "cuda" else HostCopyEngine())
+            stack.callback(engine.close)
         if dev.type == "cuda":
             alloc = functools.partial(device_buffer, dev)
         else:
@@ -155,7 +159,9 @@ async def astream(uri: str, device: str | torch.device = "cpu", *,
         finally:
             if not runner.done():
                 runner.cancel()
-            await asyncio.gather(runner, return_exceptions=True)
+            # Only once the pipeline has waited for its reads and copies may the exit stack
+            # free the ring and close the sources, so this wait survives a cancellation.
+            await settle(runner)
         _log_done(len(plan.tensors), total, uri, dev, started,
                   "staged" if staged else "read in place")
 
@@ -184,7 +190,9 @@ def load(uri: str, device: str | torch.device = "cpu", *,
          config: LoaderConfig | None = None,
          progress: Progress | None = None) -> dict[str, torch.Tensor]:
     """Sync `aload`, run on warmstart's own I/O thread (safe inside a running event loop)."""
-    return sync.run(aload(uri, device, names=names, dtype=dtype, config=config,
+    # Resolved here: a bare "cuda" means the caller thread's current device, not the one
+    # warmstart's loop thread happens to have.
+    return sync.run(aload(uri, _device(device), names=names, dtype=dtype, config=config,
                           progress=progress))
 
 
@@ -193,5 +201,5 @@ def stream(uri: str, device: str | torch.device = "cpu", *,
            config: LoaderConfig | None = None,
            progress: Progress | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Sync `astream`: yields `(name, tensor)` as each tensor lands."""
-    return sync.iterate(astream(uri, device, names=names, dtype=dtype, config=config,
-                                progress=progress))
+    return sync.iterate(astream(uri, _device(device), names=names, dtype=dtype,
+                                config=config, progress=progress))

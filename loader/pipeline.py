@@ -43,6 +43,23 @@ class Destination:
         self.buffers.pop(group, None)
 
 
+async def settle(tasks: set[asyncio.Task] | asyncio.Task) -> None:
+    """Waits until every task has finished, even when we are cancelled meanwhile (their
+    threads write into memory the caller frees next); re-raises that cancellation after."""
+    pending = {tasks} if isinstance(tasks, asyncio.Task) else tasks
+    cancelled: asyncio.CancelledError | None = None
+    while True:
+        left = {t for t in pending if not t.done()}
+        if not left:
+            break
+        try:
+            await asyncio.wait(left)
+        except asyncio.CancelledError as exc:
+            cancelled = exc
+    if cancelled is not None:
+        raise cancelled
+
+
 def _align_down(value: int, to: int) -> int:
     return value // to * to
 
@@ -69,16 +86,29 @@ async def execute(plan: ReadPlan, sources: Sequence[Source], dest: Destination, 
     started: set[int] = set()
     sem = asyncio.Semaphore(concurrency)
     failures: list[BaseException] = []
+    failed = asyncio.Event()
     tasks: set[asyncio.Task] = set()
 
-    async def start_group(group: int) -> None:
+    async def start_group(group: int) -> bool:
+        """False when a chunk failed while we waited for room for the group."""
         if before_group is not None:
-            await before_group()
+            # The window frees up only as the consumer finishes groups; a group with a failed
+            # chunk never finishes, so stop waiting as soon as anything has failed.
+            room = asyncio.ensure_future(before_group())
+            stop = asyncio.ensure_future(failed.wait())
+            try:
+                await asyncio.wait({room, stop}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                stop.cancel()
+                room.cancel()
+            if failed.is_set():
+                return False
         started.add(group)
         dest.buffer(group)
         for t in plan.groups[group].tensors:
             if remaining[t] == 0:  # empty tensors carry no bytes
                 on_tensor(t)
+        return True
 
     async def run_chunk(chunk: Chunk) -> None:
         try:
@@ -101,13 +131,14 @@ async def execute(plan: ReadPlan, sources: Sequence[Source], dest: Destination, 
                     on_tensor(t)
         except BaseException as exc:  # noqa: BLE001 - recorded, re-raised by execute()
             failures.append(exc)
+            failed.set()
         finally:
             sem.release()
 
     try:
         for chunk in plan.chunks:
-            if chunk.group not in started:
-                await start_group(chunk.group)
+            if chunk.group not in started and not await start_group(chunk.group):
+                break
             await sem.acquire()
             if failures:
                 sem.release()
@@ -117,15 +148,13 @@ async def execute(plan: ReadPlan, sources: Sequence[Source], dest: Destination, 
             task.add_done_callback(tasks.discard)
         else:
             for group in range(len(plan.groups)):  # groups holding only empty tensors
-                if group not in started:
-                    await start_group(group)
+                if group not in started and not await start_group(group):
+                    break
     finally:
         # Whatever happened (failure, cancellation), wait for in-flight chunks: their worker
         # threads write into buffers that must outlive them.
-        while tasks:
-            done, _ = await asyncio.wait(set(tasks))
-            for task in done:
-                if task.cancelled():
-                    failures.append(asyncio.CancelledError())
+        in_flight = set(tasks)
+        await settle(in_flight)
+        failures.extend(asyncio.CancelledError() for t in in_flight if t.cancelled())
     if failures:
         raise failures[0]

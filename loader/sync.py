@@ -72,7 +72,10 @@ def iterate(agen: AsyncIterator[T]) -> Iterator[T]:
             yield item
     finally:
         aclose = getattr(agen, "aclose", None)
-        if aclose is not None:
+        if aclose is not None and threading.current_thread() is _thread:
+            # collected on the loop thread itself: waiting there would deadlock
+            the_loop.create_task(aclose())
+        elif aclose is not None:
             try:
                 asyncio.run_coroutine_threadsafe(aclose(), the_loop).result()
             except RuntimeError:  # still unwinding from a cancellation: it closes itself

@@ -13,7 +13,8 @@ import torch
 from warmstart.loader import LoaderConfig, astream, stream, sync
 from warmstart.testing.checkpoints import make_checkpoint
 
-CFG = LoaderConfig(chunk_size=64 << 10, memory_budget=4 * ((64 << 10) + 8192), concurrency=4)
+CFG = LoaderConfig(chunk_size=64 << 10, memory_budget=4 * ((64 << 10) + 8192), concurrency=4,
+                   mmap=False)
 
 
 @pytest.fixture(scope="module")
@@ -61,3 +62,76 @@ def test_asyncio_cancel_mid_load(ckpt):
 
     asyncio.run(main())
     _settled(before)
+
+
+def _slow_reads(monkeypatch, seconds: float) -> list[int]:
+    """Makes every local data read (not the header's, at offset 0) take `seconds`; returns
+    [reads in flight] as it changes."""
+    from warmstart.loader.sources.local import LocalFileSource
+
+    in_flight = [0]
+    read = LocalFileSource._read_blocking
+
+    def slow(self, offset, target):
+        if offset == 0:
+            return read(self, offset, target)
+        in_flight[0] += 1
+        try:
+            import time
+            time.sleep(seconds)
+            return read(self, offset, target)
+        finally:
+            in_flight[0] -= 1
+
+    monkeypatch.setattr(LocalFileSource, "_read_blocking", slow)
+    return in_flight
+
+
+def test_cancel_in_the_tail_frees_the_ring_only_after_reads_end(ckpt, monkeypatch):
+    """A cancel that lands while the pipeline waits for its last reads must not cut that wait
+    short: the ring (pinned memory on a GPU) is freed only once no thread writes into it."""
+    from warmstart.loader import aload
+    from warmstart.loader.memory import HostRing
+
+    in_flight = _slow_reads(monkeypatch, 0.5)
+    at_free = []
+    free = HostRing.free
+    monkeypatch.setattr(HostRing, "free", lambda self: (at_free.append(in_flight[0]),
+                                                         free(self)))
+    cfg = CFG.replace(staged=True)
+
+    async def main():
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(aload(str(ckpt), config=cfg), 0.8)
+
+    asyncio.run(main())
+    assert at_free == [0]
+
+
+def test_a_failed_chunk_ends_a_stream_whose_window_is_full(tmp_path, monkeypatch):
+    """stream() keeps two groups ahead of the consumer; when a chunk of a started group fails,
+    that group never completes, and the load must still end with the error, not wait."""
+    from safetensors.torch import save_file
+
+    from warmstart.errors import SourceError
+    from warmstart.loader.sources.local import LocalFileSource
+
+    path = tmp_path / "m.safetensors"
+    save_file({f"t{i}": torch.full((4096,), i, dtype=torch.uint8) for i in range(6)}, str(path))
+    data_start = 8 + int.from_bytes(path.read_bytes()[:8], "little")
+    read = LocalFileSource.read_into
+
+    async def failing(self, offset, target):
+        if offset >= data_start + 4096:
+            raise SourceError(5, f"{self.name}: injected failure at {offset}")
+        return await read(self, offset, target)
+
+    monkeypatch.setattr(LocalFileSource, "read_into", failing)
+    cfg = LoaderConfig(chunk_size=4096, group_size=4096, memory_budget=1 << 20, mmap=False,
+                       max_attempts=1)
+
+    async def main():
+        return [name async for name, _ in astream(str(path), config=cfg)]
+
+    with pytest.raises(SourceError, match="injected"):
+        asyncio.run(asyncio.wait_for(main(), 30))
