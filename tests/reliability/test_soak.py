@@ -233,3 +233,54 @@ def test_memory_stays_bounded_throughout_a_slow_stream(env):
     print(f"worst extra RSS {worst / MiB:.1f} MiB over {len(samples)} samples")
     assert worst <= limit, (f"extra RSS reached {worst / MiB:.1f} MiB (limit "
                             f"{limit / MiB:.1f} MiB) while streaming {r['seen'] / MiB:.0f} MiB")
+
+
+SHARER = r"""
+import hashlib, json, random, sys
+from warmstart.imageformat._aio import run_sync
+from warmstart.imageformat.cache import ChunkCache
+from warmstart.imageformat.store import ImageStore
+store_path, cache_dir, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
+with ImageStore.open(store_path) as store:
+    image = store.open_image("v1")
+    chunks = image.toc.unique_chunks()
+    random.Random(seed).shuffle(chunks)
+    cache = ChunkCache(cache_dir, memory_bytes=0)
+    fetch = lambda c: run_sync(store.fetch_chunk(image, c))
+    bad = [c.digest for c in chunks
+           if hashlib.sha256(cache.get(c, fetch)).hexdigest() != c.digest]
+print(json.dumps({"chunks": len(chunks), "bad": bad, "fetched": cache.stats.misses}))
+"""
+
+
+def test_processes_share_one_chunk_cache(tmp_path):
+    """Image mounts on one machine share a chunk cache: several processes filling it at
+    once, one of them killed part-way, all get verified bytes and leave only whole chunks
+    (written to a temporary file, then renamed)."""
+    import random as _random
+
+    from warmstart.imageformat.convert import convert
+    from warmstart.imageformat.store import ImageStore
+
+    root = tmp_path / "root"
+    root.mkdir()
+    for i in range(6):
+        (root / f"f{i}").write_bytes(_random.Random(i).randbytes(700_000))
+    with ImageStore.open(str(tmp_path / "store")) as s:
+        convert(str(root), s, "v1", blob_size=1 << 20)
+    cache = tmp_path / "cache"
+    run = [sys.executable, "-c", SHARER, str(tmp_path / "store"), str(cache)]
+    victim = subprocess.Popen(run + ["99"], stdout=subprocess.DEVNULL)
+    procs = [subprocess.Popen(run + [str(seed)], stdout=subprocess.PIPE, text=True)
+             for seed in range(3)]
+    time.sleep(1.0)
+    victim.kill()
+    victim.wait()
+    results = [json.loads(p.communicate(timeout=120)[0].strip().splitlines()[-1])
+               for p in procs]
+    assert all(r["bad"] == [] for r in results)
+    total = results[0]["chunks"]
+    names = [p for p in cache.rglob("*") if p.is_file() and len(p.name) == 64]
+    assert len(names) == total
+    for p in names:
+        assert hashlib.sha256(p.read_bytes()).hexdigest() == p.name
