@@ -6,9 +6,11 @@ Layers, each importing only the ones below it (none of them is imported by the l
                as Ray metrics
   llm          `WarmstartCallback` for `ray.serve.llm`: `load_format="warmstart"` without
                downloading the safetensors files first
-  gateway      one `NodeGateway` actor per node: a local S3-compatible endpoint the loader
-               reads through; each node fetches its share of pieces from object storage and
-               the rest from peer gateways over Ray, with digest checks and S3 fallback
+  node_actor   `NodeGateway`, the Ray actor per node that runs a gateway and its S3 front
+  s3front      the subset of the S3 HTTP API the loader uses, served on 127.0.0.1
+  gateway      answers reads piece by piece: node cache, this node's share from object
+               storage, other pieces from the owner node's gateway (digest-checked, falling
+               back to object storage)
   chunk_cache  node-local, content-addressed, size-bounded store of pieces (atomic writes)
   plan         pure functions: pieces of an object, which node owns which piece
   settings     `SharingConfig`, the typed options of all of the above

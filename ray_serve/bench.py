@@ -49,7 +49,7 @@ class BenchReplica:
 
 
 def _one(serve, n: int, method: str, uri: str, work: Path, run: str):
-    from warmstart.ray_serve.gateway import stop_gateways
+    from warmstart.ray_serve.node_actor import stop_gateways
 
     sharing = {"cache_dir": str(work / f"chunks-{run}-{{node_id}}")}
     deployment = serve.deployment(

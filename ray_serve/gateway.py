@@ -8,10 +8,7 @@
      in Ray's object store). The owner hands back the digest it computed when it read the
      piece from object storage; bytes that do not hash to it, a dead owner, or one slower than
      `peer_timeout` make this node read the piece from object storage itself.
-`NodeGateway` is the Ray actor around it (named per node, detached, 0 CPUs, pinned to its node
-with a hard node-affinity strategy) and runs the `S3Front` the replicas' loaders talk to.
-Participants are the alive Ray nodes with `node_resource`, read once per object: Ray says which
-nodes exist, schedules the gateways and moves the bytes; warmstart keeps no membership of its own.
+The Ray actor around it is `node_actor.NodeGateway`.
 """
 
 from __future__ import annotations
@@ -25,15 +22,13 @@ from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Iterator
 
-from warmstart.errors import DigestMismatch, Retryable
+from warmstart.errors import Retryable
 from warmstart.ray_serve import plan
 from warmstart.ray_serve.chunk_cache import ChunkCache, sha256
 from warmstart.ray_serve.plan import ObjectId
 from warmstart.ray_serve.settings import SharingConfig
 
 log = logging.getLogger("warmstart.ray_serve")
-NAMESPACE = "warmstart"
-NAME_PREFIX = "warmstart-gateway-"
 HEAD_TTL = 30.0  # seconds a HEAD answer is reused (objects are versioned by size + ETag)
 
 # (node id, object, piece index) -> (digest, bytes); raises on any failure
@@ -60,6 +55,9 @@ class Gateway:
         self._prefetched: set[ObjectId] = set()
         self._hot: OrderedDict[str, tuple[str, bytes]] = OrderedDict()  # key -> piece
         self._hot_bytes = 0
+        self._pending: dict[str, tuple[str, bytes]] = {}  # fetched, not yet on disk
+        self._pending_bytes = 0
+        self._written = threading.Condition(self._lock)
         self._prefetch = ThreadPoolExecutor(max(settings.prefetch, 1),
                                             thread_name_prefix="warmstart-prefetch")
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="warmstart-cache-writer")
@@ -118,12 +116,17 @@ class Gateway:
             self._count("served_bytes", hi - lo)
             yield memoryview(data)[lo:hi]
 
-    def piece(self, obj: ObjectId, index: int) -> bytes:
-        key = self._key(obj, index)
+    def _in_memory(self, key: str) -> tuple[str, bytes] | None:
         with self._lock:
             hot = self._hot.get(key)
             if hot is not None:
                 self._hot.move_to_end(key)
+                return hot
+            return self._pending.get(key)
+
+    def piece(self, obj: ObjectId, index: int) -> bytes:
+        key = self._key(obj, index)
+        hot = self._in_memory(key)
         if hot is None:
             hot = self._single_flight(obj, index, self._obtain)
             self._keep_hot(key, hot)
@@ -146,8 +149,7 @@ class Gateway:
         """A piece this node owns, with the digest it had when it was read from object
         storage. The cached copy is not re-hashed here: the asking node checks it."""
         key = self._key(obj, index)
-        with self._lock:
-            hot = self._hot.get(key)
+        hot = self._in_memory(key)
         if hot is not None:
             return hot
         hit = self.cache.get_named(key, verify=False)
@@ -181,6 +183,9 @@ class Gateway:
 
     def _obtain(self, obj: ObjectId, index: int) -> tuple[str, bytes]:
         key = self._key(obj, index)
+        hit = self._in_memory(key)
+        if hit is not None:
+            return hit
         hit = self.cache.get_named(key)
         if hit is not None:
             self._count("cache_bytes", len(hit[1]))
@@ -228,6 +233,13 @@ class Gateway:
         """Writes a verified piece to the node cache off the read path (readers meanwhile
         get it from memory: `_keep_hot`, or the single flight that produced it)."""
         self._keep_hot(key, (digest, data))
+        with self._written:  # back-pressure: fetching never runs far ahead of the disk
+            self._written.wait_for(lambda: not self._pending or
+                                   self._pending_bytes < self.settings.memory_size)
+            if key in self._pending:
+                return
+            self._pending[key] = (digest, data)
+            self._pending_bytes += len(data)
         self._writer.submit(self._quiet_store, key, data, digest)
 
     def _quiet_store(self, key: str, data: bytes, digest: str) -> None:
@@ -236,10 +248,24 @@ class Gateway:
         except OSError as exc:  # a full or read-only disk costs refetches, not the load
             log.warning("warmstart gateway: cannot cache a piece in %s: %s", self.cache.root,
                         exc)
+        finally:
+            with self._written:
+                if self._pending.pop(key, None) is not None:
+                    self._pending_bytes -= len(data)
+                self._written.notify_all()
 
     def _get_range(self, obj: ObjectId, offset: int, length: int) -> bytes:
         what = f"{obj.name} bytes {offset}-{offset + length - 1}"
         started = time.perf_counter()
+        data = self._get_range_botocore(obj, offset, length, what)
+        self._count("s3_seconds", time.perf_counter() - started)
+        self._count("s3_requests")
+        self._count("s3_bytes", length)
+        self._on_bytes("s3", length)
+        return data
+
+    def _get_range_botocore(self, obj: ObjectId, offset: int, length: int,
+                            what: str) -> bytes:
         resp = self._call(what, self._client.get_object, Bucket=obj.bucket, Key=obj.key,
                           Range=f"bytes={offset}-{offset + length - 1}")
         with resp["Body"] as body:
@@ -250,10 +276,6 @@ class Gateway:
         if etag and obj.etag and etag != obj.etag:
             raise Retryable(errno.ESTALE, f"{what}: the object changed while it was read "
                                           f"(ETag {etag}, was {obj.etag})")
-        self._count("s3_seconds", time.perf_counter() - started)
-        self._count("s3_requests")
-        self._count("s3_bytes", length)
-        self._on_bytes("s3", length)
         return data
 
     def _call(self, what: str, fn, **kwargs):
@@ -314,83 +336,3 @@ def _s3_client(endpoint: str | None):
         retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=10, read_timeout=60)
     return botocore.session.get_session().create_client("s3", endpoint_url=endpoint,
                                                         config=config)
-
-
-# --- the Ray side ------------------------------------------------------------------------
-
-
-def gateway_name(node_id: str) -> str:
-    return NAME_PREFIX + node_id
-
-
-def participant_nodes(resource: str) -> tuple[str, ...]:
-    import ray
-
-    return tuple(sorted(n["NodeID"] for n in ray.nodes()
-                        if n.get("Alive") and n.get("Resources", {}).get(resource, 0) > 0))
-
-
-class NodeGateway:
-    """The Ray actor (see `ensure_gateway`); its methods are what peers and replicas call."""
-
-    def __init__(self, settings: dict, node_id: str) -> None:
-        from ray.util import metrics
-
-        self.settings = SharingConfig.from_mapping(settings)
-        self._bytes = metrics.Counter(
-            "warmstart_gateway_bytes", "Bytes a warmstart node gateway obtained, by source "
-            "(s3: object storage, peer: another node, cache: node-local cache)",
-            tag_keys=("source",))
-        self.core = Gateway(self.settings, node_id,
-                            nodes=lambda: participant_nodes(self.settings.node_resource),
-                            peer_fetch=self._peer_fetch,
-                            on_bytes=lambda source, n: self._bytes.inc(n, {"source": source}))
-        from warmstart.ray_serve.s3front import S3Front
-
-        self.front = S3Front(self.core)
-        log.info("warmstart gateway for node %s on %s (mode %s, cache %s)", node_id,
-                 self.front.endpoint, self.settings.mode, self.core.cache.root)
-
-    def _peer_fetch(self, node: str, obj: ObjectId, index: int) -> tuple[str, bytes]:
-        import ray
-
-        handle = ensure_gateway(node, self.settings)
-        ref = handle.piece.remote(obj.bucket, obj.key, obj.size, obj.etag, index)
-        return ray.get(ref, timeout=self.settings.peer_timeout)
-
-    def endpoint(self) -> str:
-        return self.front.endpoint
-
-    def piece(self, bucket: str, key: str, size: int, etag: str, index: int):
-        return self.core.piece_for_peer(ObjectId(bucket, key, size, etag), index)
-
-    def stats(self) -> dict:
-        return {**self.core.stats(), "node_id": self.core.node_id,
-                "cache_dir": self.core.cache.root}
-
-
-def ensure_gateway(node_id: str, settings: SharingConfig):
-    """The gateway actor of `node_id`, started there if it is not running yet."""
-    import dataclasses
-
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    actor = ray.remote(NodeGateway)
-    return actor.options(
-        name=gateway_name(node_id), namespace=NAMESPACE, get_if_exists=True,
-        lifetime="detached", num_cpus=0, max_concurrency=64, max_restarts=0,
-        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
-    ).remote(dataclasses.asdict(settings), node_id)
-
-
-def stop_gateways() -> int:
-    """Kills every warmstart gateway of the connected cluster; returns how many."""
-    import ray
-
-    count = 0
-    for entry in ray.util.list_named_actors(all_namespaces=True):
-        if entry["namespace"] == NAMESPACE and entry["name"].startswith(NAME_PREFIX):
-            ray.kill(ray.get_actor(entry["name"], namespace=NAMESPACE))
-            count += 1
-    return count

@@ -96,7 +96,7 @@ class WarmstartCallback(CallbackBase):
 def _gateway_endpoint(sharing: SharingConfig) -> str:
     import ray
 
-    from warmstart.ray_serve.gateway import ensure_gateway
+    from warmstart.ray_serve.node_actor import ensure_gateway
 
     node_id = ray.get_runtime_context().get_node_id()
     return ray.get(ensure_gateway(node_id, sharing).endpoint.remote())

@@ -52,7 +52,11 @@ def loader_config_for(uri: str, config: LoaderConfig | None,
         return cfg
     import ray
 
-    endpoint = ray.get(start_gateway(sharing).endpoint.remote())
+    try:
+        endpoint = ray.get(start_gateway(sharing).endpoint.remote())
+    except ray.exceptions.RayActorError:  # a gateway being stopped held the name: once more
+        time.sleep(1.0)
+        endpoint = ray.get(start_gateway(sharing).endpoint.remote())
     return cfg.replace(s3_endpoint_url=endpoint, s3_data_path="raw")
 
 
@@ -60,7 +64,7 @@ def start_gateway(sharing: SharingConfig):
     """This node's gateway actor (started if needed; does not wait for it)."""
     import ray
 
-    from warmstart.ray_serve.gateway import ensure_gateway
+    from warmstart.ray_serve.node_actor import ensure_gateway
 
     return ensure_gateway(ray.get_runtime_context().get_node_id(), sharing)
 
@@ -85,8 +89,9 @@ def load_in_replica(uri: str, device: str = "cpu", *, names: Iterable[str] | Non
     state = {"step": 0, "last": 0}
 
     def progress(done: int, total: int) -> None:
-        bytes_counter.inc(done - state["last"], tags)
-        state["last"] = done
+        if done > state["last"]:  # Ray counters reject increments of 0
+            bytes_counter.inc(done - state["last"], tags)
+            state["last"] = done
         frac = done / total if total else 1.0
         progress_gauge.set(frac, tags)
         if frac * PROGRESS_STEPS >= state["step"] + 1:

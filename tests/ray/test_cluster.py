@@ -37,7 +37,7 @@ class Replica:
         import ray as ray_
 
         from warmstart.ray_serve import load_in_replica
-        from warmstart.ray_serve.gateway import ensure_gateway, SharingConfig
+        from warmstart.ray_serve.node_actor import ensure_gateway, SharingConfig
 
         tensors = load_in_replica(URI, "cpu", sharing=sharing)
         node = ray_.get_runtime_context().get_node_id()
@@ -101,7 +101,7 @@ def _s3_bytes(proxy) -> int:
 
 
 def test_cluster_reads_object_storage_about_once(cluster, s3_checkpoint, tmp_path):
-    from warmstart.ray_serve.gateway import stop_gateways
+    from warmstart.ray_serve.node_actor import stop_gateways
 
     c, nodes, proxy = cluster
     want = _digest(oracle(s3_checkpoint))
@@ -131,7 +131,7 @@ def test_cluster_reads_object_storage_about_once(cluster, s3_checkpoint, tmp_pat
 
 def test_a_node_killed_mid_load_does_not_stop_the_others(cluster, s3_checkpoint, tmp_path):
     from warmstart.testing.faultproxy import bandwidth
-    from warmstart.ray_serve.gateway import stop_gateways
+    from warmstart.ray_serve.node_actor import stop_gateways
 
     c, nodes, proxy = cluster
     want = _digest(oracle(s3_checkpoint))

@@ -1,0 +1,113 @@
+"""`NodeGateway`: the Ray actor that runs a node's `Gateway` and its `S3Front`.
+
+One per node, named `warmstart-gateway-<node id>` in namespace "warmstart", detached, 0 CPUs,
+pinned to its node with a hard node-affinity strategy, started by the first replica that needs
+it. Participants are the alive Ray nodes with `node_resource`, read once per object: Ray says
+which nodes exist, schedules the gateways and moves the bytes (a peer's `piece.remote()`);
+warmstart keeps no membership of its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from warmstart.ray_serve.gateway import Gateway
+from warmstart.ray_serve.plan import ObjectId
+from warmstart.ray_serve.settings import SharingConfig
+
+log = logging.getLogger("warmstart.ray_serve")
+NAMESPACE = "warmstart"
+NAME_PREFIX = "warmstart-gateway-"
+
+
+def gateway_name(node_id: str) -> str:
+    return NAME_PREFIX + node_id
+
+
+def participant_nodes(resource: str) -> tuple[str, ...]:
+    import ray
+
+    return tuple(sorted(n["NodeID"] for n in ray.nodes()
+                        if n.get("Alive") and n.get("Resources", {}).get(resource, 0) > 0))
+
+
+class NodeGateway:
+    """The Ray actor (see `ensure_gateway`); its methods are what peers and replicas call."""
+
+    def __init__(self, settings: dict, node_id: str) -> None:
+        from ray.util import metrics
+
+        self.settings = SharingConfig.from_mapping(settings)
+        self._bytes = metrics.Counter(
+            "warmstart_gateway_bytes", "Bytes a warmstart node gateway obtained, by source "
+            "(s3: object storage, peer: another node, cache: node-local cache)",
+            tag_keys=("source",))
+        self.core = Gateway(self.settings, node_id,
+                            nodes=lambda: participant_nodes(self.settings.node_resource),
+                            peer_fetch=self._peer_fetch,
+                            on_bytes=self._count_bytes)
+        from warmstart.ray_serve.s3front import S3Front
+
+        self.front = S3Front(self.core)
+        log.info("warmstart gateway for node %s on %s (mode %s, cache %s)", node_id,
+                 self.front.endpoint, self.settings.mode, self.core.cache.root)
+
+    def _count_bytes(self, source: str, n: int) -> None:
+        if n > 0:  # Ray counters reject increments of 0
+            self._bytes.inc(n, {"source": source})
+
+    def _peer_fetch(self, node: str, obj: ObjectId, index: int) -> tuple[str, bytes]:
+        import ray
+
+        handle = ensure_gateway(node, self.settings)
+        ref = handle.piece.remote(obj.bucket, obj.key, obj.size, obj.etag, index)
+        return ray.get(ref, timeout=self.settings.peer_timeout)
+
+    def endpoint(self) -> str:
+        return self.front.endpoint
+
+    def piece(self, bucket: str, key: str, size: int, etag: str, index: int):
+        return self.core.piece_for_peer(ObjectId(bucket, key, size, etag), index)
+
+    def stats(self) -> dict:
+        return {**self.core.stats(), "node_id": self.core.node_id,
+                "cache_dir": self.core.cache.root}
+
+
+def ensure_gateway(node_id: str, settings: SharingConfig):
+    """The gateway actor of `node_id`, started there if it is not running yet."""
+    import dataclasses
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    actor = ray.remote(NodeGateway)
+    return actor.options(
+        name=gateway_name(node_id), namespace=NAMESPACE, get_if_exists=True,
+        lifetime="detached", num_cpus=0, max_concurrency=64, max_restarts=0,
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
+    ).remote(dataclasses.asdict(settings), node_id)
+
+
+def stop_gateways(timeout: float = 30.0) -> int:
+    """Kills every warmstart gateway of the connected cluster and waits until their names are
+    free (so the next `ensure_gateway` starts a new one); returns how many were killed."""
+    import ray
+
+    names = [e["name"] for e in ray.util.list_named_actors(all_namespaces=True)
+             if e["namespace"] == NAMESPACE and e["name"].startswith(NAME_PREFIX)]
+    for name in names:
+        try:
+            ray.kill(ray.get_actor(name, namespace=NAMESPACE))
+        except ValueError:  # gone already
+            pass
+    deadline = time.monotonic() + timeout
+    for name in names:
+        while time.monotonic() < deadline:
+            try:
+                ray.get_actor(name, namespace=NAMESPACE)
+            except ValueError:
+                break
+            time.sleep(0.05)
+    return len(names)
