@@ -25,7 +25,7 @@ from warmstart.imageformat.model import (MT_BLOB, MT_CHUNK_INDEX, MT_PROFILE, MT
                                          Chunk, Descriptor, Entry, Location, Manifest, Profile)
 from warmstart.imageformat.toc import encode_toc
 
-QUICK = settings(max_examples=150, deadline=None,
+QUICK = settings(max_examples=100, deadline=None,
                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 LONG = settings(max_examples=5000, deadline=2000,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
