@@ -18,7 +18,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from warmstart.errors import AccessDenied, NotFound, Retryable, SourceError
+from warmstart.errors import AccessDenied, NotFound, Retryable, SourceError, WarmstartError
 from warmstart.loader.sources.base import Target
 
 MAX_HEAD_BYTES = 64 * 1024
@@ -152,7 +152,9 @@ def ranged_get_into(pool: ConnectionPool, url: Url, offset: int, target: Target,
     n = target.nbytes
     extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items()
                     if k.lower() not in {"host", "range"})
-    request = (f"GET {url.target} HTTP/1.1\r\nHost: {url.netloc}\r\n"
+    # the Host a signature covered, when the caller signed one
+    host = next((v for k, v in (headers or {}).items() if k.lower() == "host"), url.netloc)
+    request = (f"GET {url.target} HTTP/1.1\r\nHost: {host}\r\n"
                f"Range: bytes={offset}-{offset + n - 1}\r\n{extra}"
                f"Accept-Encoding: identity\r\nUser-Agent: warmstart\r\n\r\n").encode()
     for fresh in (False, True):
@@ -166,14 +168,21 @@ def ranged_get_into(pool: ConnectionPool, url: Url, offset: int, target: Target,
             try:
                 sock.sendall(request)
                 status, headers, rest = _read_head(sock)
-            except (ConnectionError, BlockingIOError, TimeoutError) as exc:
-                if reused:  # the server closed an idle connection: try a fresh one
+            except WarmstartError:
+                raise
+            except OSError as exc:
+                # The server closed an idle connection: try a fresh one at once. A timeout is
+                # a slow server, not a stale socket; it counts as this attempt's failure.
+                if reused and not isinstance(exc, (TimeoutError, BlockingIOError)):
                     continue
-                raise Retryable(errno.ECONNRESET, f"{what}: {exc}") from exc
+                raise Retryable(exc.errno or errno.ECONNRESET, f"{what}: {exc}") from exc
             keep = _receive(sock, status, headers, rest, offset, target, what)
             return
-        except (ConnectionError, BlockingIOError, TimeoutError) as exc:
-            raise Retryable(errno.ECONNRESET, f"{what}: connection failed mid-body: {exc}") from exc
+        except WarmstartError:
+            raise
+        except OSError as exc:  # resets, timeouts, unreachable networks mid-request
+            raise Retryable(exc.errno or errno.ECONNRESET,
+                            f"{what}: connection failed mid-body: {exc}") from exc
         finally:
             if keep:
                 pool.release(url.host, url.port, sock)
@@ -185,25 +194,31 @@ def ranged_get_into(pool: ConnectionPool, url: Url, offset: int, target: Target,
 def _receive(sock, status, headers, rest, offset, target: Target, what: str) -> bool:
     """Receives the body; returns whether the connection may be reused."""
     n = target.nbytes
-    if b"transfer-encoding" in headers:
-        raise Retryable(errno.EPROTO, f"{what}: chunked responses are not supported")
-    length = int(headers.get(b"content-length", b"-1"))
+    try:
+        length = int(headers.get(b"content-length", b"-1"))
+    except ValueError:
+        raise Retryable(errno.EPROTO, f"{what}: malformed Content-Length "
+                                      f"{headers.get(b'content-length')!r}") from None
     if status not in (200, 206):
         body = rest
-        if 0 <= length <= MAX_ERROR_BODY:
-            while len(body) < length:
+        try:  # whatever of the error body arrives; its status is the answer either way
+            while 0 <= length <= MAX_ERROR_BODY and len(body) < length:
                 more = sock.recv(length - len(body))
                 if not more:
                     break
                 body += more
+        except OSError:
+            pass
         raise error_for_status(status, body, what)
+    if b"transfer-encoding" in headers:  # permanent: retrying gets the same answer
+        raise SourceError(errno.EPROTO, f"{what}: chunked responses are not supported")
     if status == 206:
         match = _CONTENT_RANGE.fullmatch(headers.get(b"content-range", b""))
         if not match or (int(match[1]), int(match[2])) != (offset, offset + n - 1):
             raise Retryable(errno.EPROTO, f"{what}: server answered Content-Range "
                                           f"{headers.get(b'content-range')!r}")
     elif offset != 0:  # a plain 200 is only right when the range was the whole object
-        raise Retryable(errno.EPROTO, f"{what}: server ignored the Range header")
+        raise SourceError(errno.EPROTO, f"{what}: server ignored the Range header")
     if length != n:
         raise Retryable(errno.EPROTO, f"{what}: Content-Length {length}, expected {n}")
     head = min(len(rest), n)

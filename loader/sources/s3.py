@@ -10,6 +10,7 @@ import os
 import time
 from concurrent.futures import Executor
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from warmstart.errors import (AccessDenied, EndpointUnreachable, NotFound, Retryable,
                               SourceError, WarmstartError)
@@ -74,6 +75,15 @@ def map_botocore_error(exc: BaseException, what: str) -> WarmstartError:
     except ImportError:  # pragma: no cover
         pass
     return SourceError(errno.EIO, f"{what}: {type(exc).__name__}: {exc}")
+
+
+def signed_host(url: str) -> str:
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    default = {"http": 80, "https": 443}.get(parts.scheme)
+    return host if parts.port in (None, default) else f"{host}:{parts.port}"
 
 
 class S3Client:
@@ -154,6 +164,8 @@ class S3Client:
             return {}
         frozen = await credentials.get_frozen_credentials()
         request = AWSRequest(method="GET", url=url)
+        # The Host we sign is the Host we send (lower-case, default port dropped).
+        request.headers["host"] = signed_host(url)
         S3SigV4Auth(frozen, "s3", self.client.meta.region_name).add_auth(request)
         return {k: v for k, v in request.headers.items()}
 
