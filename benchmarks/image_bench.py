@@ -48,7 +48,11 @@ def sh(*cmd: str, env=None, timeout: float = 900) -> subprocess.CompletedProcess
                           timeout=timeout)
 
 
-def build_image(work: str, torch: bool) -> tuple[str, dict]:
+SERVING_PACKAGES = ["vllm", "transformers", "tokenizers", "safetensors", "regex", "yaml",
+                    "tqdm", "huggingface_hub"]
+
+
+def build_image(work: str, torch: bool, serving: bool = False) -> tuple[str, dict]:
     """Rootfs -> OCI layout (v1, and v2 with a few files changed). Returns the layout and
     facts about the v2 change."""
     root = os.path.join(work, "rootfs")
@@ -57,6 +61,8 @@ def build_image(work: str, torch: bool) -> tuple[str, dict]:
     pkgs = ["numpy", "numpy.libs"] + (["torch", "torchgen", "typing_extensions.py",
                                        "sympy", "mpmath", "filelock", "fsspec", "jinja2",
                                        "markupsafe", "networkx"] if torch else [])
+    if serving:
+        pkgs += SERVING_PACKAGES
     testimage.add_site_packages(root, pkgs)
     testimage.add_shared_libs(root)
     layout = os.path.join(work, "layout")
@@ -178,7 +184,10 @@ def render(results: dict, path: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--torch", action="store_true", help="add torch: a >= 1 GB image")
+    ap.add_argument("--torch", action="store_true", help="add torch: a ~0.8 GB image")
+    ap.add_argument("--serving", action="store_true",
+                    help="with --torch, add vLLM, transformers and tokenizers: a ~1.4 GB "
+                         "serving image")
     ap.add_argument("--start-module", default="numpy",
                     help="the start-up measured is `python3 -c 'import MODULE'`")
     ap.add_argument("--runs", type=int, default=3)
@@ -198,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         server.create_bucket("images")
         env = {**os.environ, **server.env()}
         cfg = S3Config(server.endpoint, server.access_key, server.secret_key)
-        layout, change = build_image(work, args.torch)
+        layout, change = build_image(work, args.torch, args.serving and args.torch)
         module = args.start_module
         local_uri, s3 = os.path.join(work, "store"), "s3://images/bench"
         with ImageStore.open(local_uri) as local, ImageStore.open(s3, cfg) as remote:
@@ -211,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
             push(local, "v1", remote, "v1p")
             p2 = push(local, "v2", remote, "v2")
         sh(*CLI, "record", "v1p", "--store", s3, "--", *start_cmd(module), env=env)
-        results = {"image": "python3.11 + numpy" + (" + torch" if args.torch else ""),
+        results = {"image": "python3.11 + numpy" + (" + torch" if args.torch else "") + (
+                       " + vllm + transformers" if args.serving and args.torch else ""),
                    "module": module, "runs": args.runs, "server": args.server,
                    "layer_bytes": layer_bytes(layout, "v1"), "samples": [],
                    "convert": {"seconds": conv_s,
