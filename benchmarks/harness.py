@@ -16,6 +16,7 @@ interleaved across peers; ceilings are measured in the same run. See benchmarks/
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import glob
 import json
@@ -34,6 +35,7 @@ from warmstart.benchmarks.verify import reference_digest
 
 GiB, MiB = 1 << 30, 1 << 20
 SCENARIOS = ("local-warm", "local-cold", "s3")
+IMAGE = "image"  # opt-in: lazy image start vs full pull (needs umoci, skopeo, FUSE, pyfuse3)
 SOURCE = {"local-warm": "local", "local-cold": "local", "local-odirect": "local", "s3": "s3"}
 BUCKET, PREFIX = "warmstart-bench", "model"
 QUICK_SIZE = 64 * MiB
@@ -61,7 +63,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--shards", type=int, default=4)
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--scenarios", default=",".join(SCENARIOS),
-                   help=f"comma list of {', '.join(SCENARIOS)}")
+                   help=f"comma list of {', '.join(SCENARIOS)}, and {IMAGE} (opt-in: "
+                        "lazy image start vs full pull, see benchmarks/image_bench.py)")
     p.add_argument("--peers", default=",".join(PEERS), help="comma list of " + ", ".join(PEERS))
     p.add_argument("--repeat", type=int, help="runs per peer per scenario (default 3)")
     p.add_argument("--budget", type=lambda v: parse_size(v, "--budget"),
@@ -80,6 +83,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     args.peers = [s.strip() for s in args.peers.split(",") if s.strip()]
+    args.image = IMAGE in args.scenarios
+    args.scenarios = [s for s in args.scenarios if s != IMAGE]
     for name in args.scenarios:
         if name not in SOURCE:
             p.error(f"unknown scenario {name!r}; choose from {', '.join(SCENARIOS)}")
@@ -281,6 +286,35 @@ class Run:
         return notes[scenario]
 
 
+def image_tools_missing() -> list[str]:
+    import importlib.util
+
+    missing = [tool for tool in ("umoci", "skopeo", "fusermount3") if not shutil.which(tool)]
+    missing += [mod for mod in ("pyfuse3", "zstandard", "trio")
+                if importlib.util.find_spec(mod) is None]
+    if not os.path.exists("/dev/fuse"):
+        missing.append("/dev/fuse")
+    return missing
+
+
+def run_image_scenario(args: argparse.Namespace, out: Path, say) -> int:
+    """The image benchmark (small Python + numpy image, `--repeat` runs) into OUT/image/."""
+    missing = image_tools_missing()
+    folder = out / IMAGE
+    folder.mkdir(parents=True, exist_ok=True)
+    if missing:
+        note = (f"image scenario not run: needs {', '.join(missing)} (Debian fuse3, "
+                f"libfuse3-dev, umoci, skopeo; `pip install -e .[image]`)")
+        (folder / "RESULTS.md").write_text(note + "\n")
+        say(note)
+        return 0
+    from warmstart.benchmarks import image_bench
+
+    say(f"image: lazy start vs full pull, {args.repeat} run(s) per mode ...")
+    with contextlib.redirect_stdout(sys.stderr):  # its samples; stdout is for --json-only
+        return image_bench.main(["--runs", str(args.repeat), "--out", str(folder)])
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
     started = datetime.datetime.now(datetime.timezone.utc)
@@ -294,6 +328,9 @@ def main(argv: list[str] | None = None) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    image_status = run_image_scenario(args, out, say) if args.image else None
+    if not args.scenarios:
+        return 0 if image_status in (None, 0) else 1
     env = {**os.environ, "AWS_EC2_METADATA_DISABLED": "true",
            "RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING": "0"}
     server = server_data = None
@@ -348,6 +385,6 @@ def main(argv: list[str] | None = None) -> int:
         for scenario in doc["scenarios"]:
             print("\n" + report.scenario_markdown(scenario, doc["baselines"]))
         print(f"\nwrote {out}/results.json, results.md, throughput.png, first_tensor.png, "
-              f"peak_rss.png")
+              f"peak_rss.png" + (f", {IMAGE}/RESULTS.md" if args.image else ""))
     return 0 if all(p["status"] != "failed" for s in doc["scenarios"]
                     for p in s["peers"].values()) else 1
