@@ -30,6 +30,13 @@ _DONE = object()
 STREAM_GROUPS_AHEAD = 2  # stream(): groups allocated beyond the one being consumed
 
 
+def resolve_config(config: LoaderConfig | None, options: dict) -> LoaderConfig:
+    """`config` (else `LoaderConfig.from_env()`) with keyword overrides; an unknown key is a
+    ConfigError that names it and lists the valid ones."""
+    base = config if config is not None else LoaderConfig.from_env()
+    return base.replace(**options) if options else base
+
+
 def device_buffer(dev: torch.device, nbytes: int) -> torch.Tensor:
     """Device memory for one group. torch's caching allocator may hand back a block that
     kernels queued on its current stream still use; our copies run on another stream, so wait
@@ -60,12 +67,13 @@ async def astream(uri: str, device: str | torch.device = "cpu", *,
                   config: LoaderConfig | None = None,
                   progress: Progress | None = None,
                   _groups_ahead: int | None = STREAM_GROUPS_AHEAD,
-                  ) -> AsyncIterator[tuple[str, torch.Tensor]]:
+                  **options) -> AsyncIterator[tuple[str, torch.Tensor]]:
     """Yields `(name, tensor)` as soon as each tensor's bytes have fully landed on `device`.
 
     `names` restricts the load to those tensors; `dtype` casts floating-point tensors.
+    `options` override fields of `config` (e.g. `memory_budget="128MiB", concurrency=8`).
     """
-    cfg = config if config is not None else LoaderConfig.from_env()
+    cfg = resolve_config(config, options)
     dev = _device(device)
     started = time.perf_counter()
     async with AsyncExitStack() as stack:
@@ -176,11 +184,11 @@ def _log_done(count: int, nbytes: int, uri: str, dev: torch.device, started: flo
 async def aload(uri: str, device: str | torch.device = "cpu", *,
                 names: Iterable[str] | None = None, dtype: torch.dtype | None = None,
                 config: LoaderConfig | None = None,
-                progress: Progress | None = None) -> dict[str, torch.Tensor]:
+                progress: Progress | None = None, **options) -> dict[str, torch.Tensor]:
     """Loads every (or each named) tensor; returns only once all of them have landed."""
     out: dict[str, torch.Tensor] = {}
     async for name, tensor in astream(uri, device, names=names, dtype=dtype, config=config,
-                                      progress=progress, _groups_ahead=None):
+                                      progress=progress, _groups_ahead=None, **options):
         out[name] = tensor
     return out
 
@@ -188,18 +196,20 @@ async def aload(uri: str, device: str | torch.device = "cpu", *,
 def load(uri: str, device: str | torch.device = "cpu", *,
          names: Iterable[str] | None = None, dtype: torch.dtype | None = None,
          config: LoaderConfig | None = None,
-         progress: Progress | None = None) -> dict[str, torch.Tensor]:
+         progress: Progress | None = None, **options) -> dict[str, torch.Tensor]:
     """Sync `aload`, run on warmstart's own I/O thread (safe inside a running event loop)."""
     # Resolved here: a bare "cuda" means the caller thread's current device, not the one
     # warmstart's loop thread happens to have.
-    return sync.run(aload(uri, _device(device), names=names, dtype=dtype, config=config,
+    cfg = resolve_config(config, options)  # bad options fail here, on the caller's thread
+    return sync.run(aload(uri, _device(device), names=names, dtype=dtype, config=cfg,
                           progress=progress))
 
 
 def stream(uri: str, device: str | torch.device = "cpu", *,
            names: Iterable[str] | None = None, dtype: torch.dtype | None = None,
            config: LoaderConfig | None = None,
-           progress: Progress | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+           progress: Progress | None = None, **options) -> Iterator[tuple[str, torch.Tensor]]:
     """Sync `astream`: yields `(name, tensor)` as each tensor lands."""
+    cfg = resolve_config(config, options)
     return sync.iterate(astream(uri, _device(device), names=names, dtype=dtype,
-                                config=config, progress=progress))
+                                config=cfg, progress=progress))

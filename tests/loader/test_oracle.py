@@ -142,3 +142,14 @@ def test_progress_reports_every_byte(checkpoint):
     load(str(root / "sharded"), config=TINY, progress=lambda d, t: calls.append((d, t)))
     assert calls and calls[-1][0] == calls[-1][1]
     assert all(a[0] <= b[0] for a, b in zip(calls, calls[1:]))
+
+
+def test_config_fields_as_keyword_options(checkpoint):
+    root, tensors = checkpoint
+    got = load(str(root / "folder"), memory_budget="64KiB", chunk_size=4096, concurrency=3,
+               mmap=False)
+    assert_same(got, tensors)
+    names = [n for n, _ in stream(str(root / "single.safetensors"), config=TINY, mmap=True)]
+    assert sorted(names) == sorted(tensors)
+    with pytest.raises(warmstart.errors.ConfigError, match="chunk_sise"):
+        load(str(root / "folder"), chunk_sise=4096)
