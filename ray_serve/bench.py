@@ -1,7 +1,8 @@
 """Benchmark: `serve.run` to the first answer, and bytes read from object storage, for N
 replicas on N simulated nodes (`ray.cluster_utils.Cluster`), warmstart vs download-then-load.
 
-  python -m warmstart.ray_serve.bench --size 1GiB --nodes 1 2 3 --runs 3 --out DIR
+  python -m warmstart.ray_serve.bench --size 1GiB --nodes 1 2 3 --runs 3 --out DIR \
+      [--s3-bandwidth 200MB]
 
 The checkpoint (2 bf16 shards) lives in a local `localbucket` S3 server behind a counting proxy.
 Methods, measured side by side in the same clusters (order alternating per repetition):
@@ -19,6 +20,7 @@ import os
 import platform
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -73,6 +75,9 @@ def main(argv=None) -> None:
     parser.add_argument("--nodes", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--out", default="ray-bench-results")
+    parser.add_argument("--s3-bandwidth", default=None,
+                        help="cap object storage for the whole cluster (e.g. 200MB: bytes/s "
+                             "shared by every GET), as when the storage link is the limit")
     args = parser.parse_args(argv)
 
     import ray
@@ -81,7 +86,7 @@ def main(argv=None) -> None:
 
     from warmstart.loader.config import parse_size
     from warmstart.testing.checkpoints import make_checkpoint
-    from warmstart.testing.faultproxy import FaultProxy
+    from warmstart.testing.faultproxy import FaultProxy, bandwidth
     from warmstart.testing.s3server import running_server
 
     size = parse_size(args.size, "--size")
@@ -97,6 +102,9 @@ def main(argv=None) -> None:
         shutil.rmtree(folder)
         uri = f"s3://{BUCKET}/ckpt/"
         with FaultProxy(server.endpoint) as proxy:
+            if args.s3_bandwidth:
+                proxy.add_rule(bandwidth(parse_size(args.s3_bandwidth, "--s3-bandwidth")),
+                               method="GET")
             env = {**server.env(), "AWS_ENDPOINT_URL": proxy.endpoint}
             for n in args.nodes:
                 cluster = Cluster(initialize_head=True, head_node_args={
@@ -138,8 +146,9 @@ def main(argv=None) -> None:
                             "median_s3_ratio": statistics.median(r["s3_ratio"] for r in mine),
                             "runs": len(mine)})
     result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-              "command": "python -m warmstart.ray_serve.bench " + " ".join(argv or []),
-              "checkpoint_bytes": ckpt_bytes, "machine": f"{os.cpu_count()} CPUs, "
+              "command": "python -m warmstart.ray_serve.bench "
+                         + " ".join(sys.argv[1:] if argv is None else argv),
+              "checkpoint_bytes": ckpt_bytes, "s3_bandwidth": args.s3_bandwidth, "machine": f"{os.cpu_count()} CPUs, "
               f"{platform.machine()}", "rows": rows, "summary": summary}
     (out / "ray_serve_bench.json").write_text(json.dumps(result, indent=2))
     print(f"\ncheckpoint {ckpt_bytes / 1e9:.2f} GB, median of {args.runs} runs\n")
