@@ -108,4 +108,7 @@ def test_fault_mode_long(s3, mode, rate, data_path):
     for seed in range(5):
         out = run_load(proxy, URI, want, mode, rate, seed,
                        CONFIG.replace(s3_data_path=data_path))
-        assert out.result == "identical", out
+        # at 30%, one chunk in ~130 failing max_attempts=6 times running is likely enough
+        # (0.3^6 each) that a load may end, as designed, in a named RetriesExhausted
+        allowed = ("identical", "named-error") if rate > 0.1 else ("identical",)
+        assert out.result in allowed, out
