@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from matrix import CONFIG, oracle, same_bytes, sockets_to
-from warmstart.loader import aload, load
+from warmstart.loader import aload, astream, load
 from warmstart.testing import faultproxy as fp
 from warmstart.testing.checkpoints import make_checkpoint
 
@@ -149,6 +149,35 @@ def test_asyncio_cancel_mid_s3_load_leaves_nothing(env):
             await task
 
     asyncio.run(main())
+    assert leftovers(port_of(proxy)) == (set(), 0)
+
+
+def test_cancelled_staged_stream_gives_back_its_ring(env):
+    """A stream through a 64 MiB host ring, cancelled mid-way: the ring (and every group
+    buffer the consumer dropped) is unmapped, so RSS returns to where it was."""
+    proxy, _, _ = env
+    proxy.add_rule(fp.latency(0.01), ranged=True)
+    cfg = CONFIG.replace(staged=True, memory_budget=64 * MiB, group_size=4 * MiB)
+    load(BIG_URI, config=cfg, names=[])  # warm up
+
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    async def main():
+        got = 0
+        async for _, t in astream(BIG_URI, config=cfg):
+            got += t.numel() * t.element_size()
+            del t
+            if got > 16 * MiB:
+                return rss()
+
+    before = rss()
+    during = asyncio.run(main())  # leaving the loop early closes (cancels) the stream
+    assert during - before > 16 * MiB, "the ring was never filled: the test proves nothing"
+    time.sleep(0.2)
+    after = rss()
+    assert after - before < 8 * MiB, (before, during, after)
     assert leftovers(port_of(proxy)) == (set(), 0)
 
 
