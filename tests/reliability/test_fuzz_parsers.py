@@ -269,3 +269,91 @@ def test_layer_tar_bytes_corrupted(blob, at, patch):
     at %= len(good)
     check_layers([good[:at] + patch + good[at + len(patch):]])
     check_layers([blob])
+
+
+# --- input images: OCI layout index/manifest and docker-archive manifest.json -----------
+
+def _blob(layout, data: bytes) -> str:
+    import hashlib
+
+    digest = hashlib.sha256(data).hexdigest()
+    (layout / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
+    (layout / "blobs" / "sha256" / digest).write_bytes(data)
+    return "sha256:" + digest
+
+
+LAYER = write_tar([{"name": "a", "type": tarfile.REGTYPE, "link": "", "size": 2,
+                    "mode": 0o644, "uid": 0, "mtime": 0, "dev": 0, "pax": {}}])
+VALID_OCI_MANIFEST = {"schemaVersion": 2,
+                      "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                      "config": {"digest": "sha256:" + "c" * 64, "size": 2},
+                      "layers": [{"digest": "LAYER", "size": len(LAYER),
+                                  "mediaType": "application/vnd.oci.image.layer.v1.tar"}]}
+VALID_OCI_INDEX = {"schemaVersion": 2, "manifests": [
+    {"digest": "MANIFEST", "size": 1,
+     "annotations": {"org.opencontainers.image.ref.name": "v1"}}]}
+
+
+def check_oci_layout(index_doc, manifest_doc, ref) -> None:
+    """convert's reading of an OCI layout: layer tars, or a named warmstart error."""
+    import tempfile
+    from pathlib import Path
+
+    from warmstart.errors import WarmstartError
+    from warmstart.imageformat.sources import oci_layers
+
+    with tempfile.TemporaryDirectory() as tmp:
+        layout = Path(tmp) / "layout"
+        layer = _blob(layout, LAYER)
+        text = json.dumps(manifest_doc).replace('"LAYER"', json.dumps(layer))
+        manifest = _blob(layout, text.encode())
+        (layout / "index.json").write_text(
+            json.dumps(index_doc).replace('"MANIFEST"', json.dumps(manifest)))
+        try:
+            tars = oci_layers(str(layout), ref, tmp)
+        except WarmstartError:
+            return
+        assert all(Path(t).is_file() for t in tars)
+
+
+@QUICK
+@given(mutated(VALID_OCI_INDEX), st.sampled_from([None, "v1", "v2"]))
+def test_oci_layout_index_mutations(index_doc, ref):
+    check_oci_layout(index_doc, VALID_OCI_MANIFEST, ref)
+
+
+@QUICK
+@given(mutated(VALID_OCI_MANIFEST))
+def test_oci_layout_manifest_mutations(manifest_doc):
+    check_oci_layout(VALID_OCI_INDEX, manifest_doc, None)
+
+
+VALID_ARCHIVE = [{"Config": "config.json", "RepoTags": ["test/image:v1"],
+                  "Layers": ["layer.tar"]}]
+
+
+@QUICK
+@given(mutated(VALID_ARCHIVE), mutated({"rootfs": {"type": "layers", "diff_ids": ["ID"]}}),
+       st.sampled_from([None, "test/image:v1"]))
+def test_docker_archive_manifest_mutations(manifest_doc, config_doc, ref):
+    import hashlib
+    import tempfile
+
+    from warmstart.errors import WarmstartError
+    from warmstart.imageformat.sources import docker_archive_layers
+
+    diff_id = "sha256:" + hashlib.sha256(LAYER).hexdigest()
+    members = {"manifest.json": json.dumps(manifest_doc).encode(),
+               "config.json": json.dumps(config_doc).replace('"ID"', json.dumps(diff_id))
+               .encode(), "layer.tar": LAYER}
+    with tempfile.TemporaryDirectory() as tmp:
+        archive = f"{tmp}/image.tar"
+        with tarfile.open(archive, "w") as tf:
+            for name, data in members.items():
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+        try:
+            docker_archive_layers(archive, ref, tmp)
+        except WarmstartError:
+            pass
