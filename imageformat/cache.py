@@ -9,11 +9,13 @@ used chunks; a small in-memory LRU serves repeated reads of hot chunks.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import tempfile
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,6 +25,7 @@ from warmstart.errors import ConfigError, DigestMismatch
 from .model import Chunk
 
 log = logging.getLogger("warmstart.imageformat")
+STALE_TMP_SECONDS = 3600  # a temporary chunk file this old has no live writer
 
 
 @dataclass
@@ -59,12 +62,17 @@ class ChunkCache:
 
     def _scan(self) -> None:
         found = []
+        stale = time.time() - STALE_TMP_SECONDS
         for sub in os.scandir(self.root):
             if sub.is_dir() and len(sub.name) == 2:
                 for f in os.scandir(sub.path):
                     if len(f.name) == 64:
                         st = f.stat()
                         found.append((st.st_atime, f.name, st.st_size))
+                    elif f.name.startswith(".tmp-") and f.stat().st_mtime < stale:
+                        # left by a writer that was killed before its rename
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(f.path)
         for _, name, size in sorted(found):
             self.disk[name] = size
             self.disk_bytes += size
