@@ -313,3 +313,19 @@ def test_processes_share_one_chunk_cache(tmp_path):
     assert len(names) == total
     for p in names:
         assert hashlib.sha256(p.read_bytes()).hexdigest() == p.name
+
+
+def test_cache_restart_removes_temp_files_of_killed_writers(tmp_path):
+    """A writer killed between write and rename leaves `.tmp-*`; the next cache to open the
+    folder removes those old enough to have no live writer, and keeps fresh ones."""
+    from warmstart.imageformat.cache import STALE_TMP_SECONDS, ChunkCache
+
+    sub = tmp_path / "ab"
+    sub.mkdir(parents=True)
+    old, fresh = sub / ".tmp-old", sub / ".tmp-fresh"
+    old.write_bytes(b"half a chunk")
+    fresh.write_bytes(b"being written")
+    past = time.time() - STALE_TMP_SECONDS - 60
+    os.utime(old, (past, past))
+    ChunkCache(str(tmp_path))
+    assert not old.exists() and fresh.exists()
