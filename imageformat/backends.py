@@ -121,8 +121,15 @@ def _map_error(exc: Exception, what: str) -> Exception:
     if isinstance(exc, bex.EndpointConnectionError):
         return EndpointUnreachable(f"{what}: {exc}")
     if isinstance(exc, (bex.ConnectionClosedError, bex.ReadTimeoutError, asyncio.TimeoutError,
-                        ConnectionError)):
+                        ConnectionError, bex.ResponseStreamingError, bex.IncompleteReadError)):
         return Retryable(f"{what}: {exc}")
+    try:  # a body cut short or reset mid-way reaches us as aiohttp's own error
+        import aiohttp
+
+        if isinstance(exc, aiohttp.ClientError):
+            return Retryable(f"{what}: {exc}")
+    except ImportError:  # pragma: no cover - aiobotocore always brings aiohttp
+        pass
     return SourceError(f"{what}: {exc}")
 
 
