@@ -107,6 +107,10 @@ def test_store_down_gives_eio_and_back_serves_without_remount(image, localbucket
             assert read(mnt / "data/f1.bin") == errno.EIO
         assert read(mnt / "data/f0.bin") == FILES["data/f0.bin"]  # back, same mount
         assert read(mnt / "data/f1.bin") == FILES["data/f1.bin"]
+        # a passing fault (two resets mid-body) is retried: the reader never sees it
+        with proxy.injecting(fp.reset_mid_body(1000), ranged=True, max_count=2) as rule:
+            assert read(mnt / "data/f7.bin") == FILES["data/f7.bin"]
+        assert rule.faulted == 2
         assert proc.poll() is None
     log = (tmp_path / "mount.log").read_text()
     assert "EIO" in log
@@ -166,3 +170,29 @@ def test_killed_mount_restarts_on_its_chunk_cache(image, localbucket, tmp_path):
                 assert read(mnt / "etc/small.txt") == errno.EIO  # never fetched before
             assert read(mnt / "data/f7.bin") == FILES["data/f7.bin"]
     assert cache_is_whole(cache) > cached
+
+
+@pytest.mark.parametrize("fault, ok", [(fp.status(503, "SlowDown"), True),
+                                       (fp.reset_mid_body(1000), True),
+                                       (fp.flip_bytes(1), False)])
+def test_full_pull_under_faults(image, localbucket, tmp_path, fault, ok):
+    """The non-lazy path: `pull` retries transient faults to an identical tree, and refuses
+    corrupted chunks with DigestMismatch, leaving nothing at the destination."""
+    from warmstart.errors import DigestMismatch
+    from warmstart.imageformat.pull import pull
+
+    with FaultProxy(localbucket.endpoint) as proxy:
+        # pull coalesces its reads into a few large ranged GETs: transient faults hit the
+        # first two (then retries succeed), a flip hits every one
+        rule = proxy.add_rule(fault, ranged=True, max_count=2 if ok else None)
+        s3 = S3Config(proxy.endpoint, localbucket.access_key, localbucket.secret_key)
+        dest = tmp_path / "tree"
+        with ImageStore.open(image, s3) as store:
+            if ok:
+                pull(store, "v1", str(dest))
+                assert {rel: (dest / rel).read_bytes() for rel in FILES} == FILES
+            else:
+                with pytest.raises(DigestMismatch):
+                    pull(store, "v1", str(dest))
+                assert not dest.exists()
+        assert rule.faulted > 0
