@@ -174,7 +174,7 @@ def test_cancelled_staged_stream_gives_back_its_ring(env):
 
     before = rss()
     during = asyncio.run(main())  # leaving the loop early closes (cancels) the stream
-    assert during - before > 16 * MiB, "the ring was never filled: the test proves nothing"
+    assert during - before > 12 * MiB, "the ring was never filled: the test proves nothing"
     time.sleep(0.2)
     after = rss()
     assert after - before < 8 * MiB, (before, during, after)
