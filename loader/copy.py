@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from warmstart import _native
 from warmstart.errors import CudaUnavailable, NativeError
+from warmstart.loader.sources.base import in_thread
 
 CUDA_NOT_READY = 600
 
@@ -23,8 +24,7 @@ class HostCopyEngine:
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="warmstart-copy")
 
     async def copy(self, dst: int, src: int, n: int) -> None:
-        await asyncio.get_running_loop().run_in_executor(self._thread, _native.memcpy,
-                                                         dst, src, n)
+        await in_thread(self._thread, _native.memcpy, dst, src, n)
 
     def close(self) -> None:
         self._thread.shutdown(wait=True)

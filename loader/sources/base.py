@@ -8,6 +8,7 @@ of host memory known both by address (for native calls) and as a memoryview (for
 from __future__ import annotations
 
 import abc
+import asyncio
 import ctypes
 from dataclasses import dataclass
 
@@ -40,6 +41,24 @@ class Target:
 
     def sub(self, start: int, nbytes: int) -> "Target":
         return Target(addr=self.addr + start, view=self.view[start:start + nbytes])
+
+
+async def in_thread(executor, fn, *args):
+    """`fn(*args)` on `executor`, awaited so that a cancellation never abandons the thread:
+    the caller's buffers stay in use until `fn` returns, so on cancel this still waits for it
+    (bounded by the read timeout) and only then re-raises the cancellation."""
+    future = asyncio.get_running_loop().run_in_executor(executor, fn, *args)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        while not future.done():
+            try:
+                await asyncio.wait({future})
+            except asyncio.CancelledError:
+                pass
+        if not future.cancelled():
+            future.exception()  # retrieved: the cancellation is what the caller sees
+        raise
 
 
 class Source(abc.ABC):

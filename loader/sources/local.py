@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import ctypes
 import errno
 import mmap
@@ -12,7 +11,7 @@ from concurrent.futures import Executor
 
 from warmstart import _native
 from warmstart.errors import AccessDenied, NotFound, SourceError, TruncatedFile
-from warmstart.loader.sources.base import Source, Target
+from warmstart.loader.sources.base import Source, Target, in_thread
 
 DIRECT_ALIGNMENT = 4096
 AUTO_DIRECT_MIN_BYTES = 64 << 20  # small files: not worth a ring
@@ -90,8 +89,7 @@ class LocalFileSource(Source):
     async def read_into(self, offset: int, target: Target) -> None:
         if target.nbytes == 0:
             return
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._executor, self._read_blocking, offset, target)
+        await in_thread(self._executor, self._read_blocking, offset, target)
 
     def _close_fds(self) -> None:
         for fd in (self._fd, self._direct_fd):

@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 from warmstart.errors import (AccessDenied, EndpointUnreachable, NotFound, Retryable,
                               SourceError, WarmstartError)
 from warmstart.loader.config import LoaderConfig
-from warmstart.loader.sources.base import Source, Target
+from warmstart.loader.sources.base import Source, Target, in_thread
 from warmstart.loader.sources.http import (DENIED_CODES, NOT_FOUND_CODES, RETRY_CODES,
                                            ConnectionPool, Url, ranged_get_into)
 
@@ -225,6 +225,5 @@ class S3Object(Source):
             return
         url, headers = await self._signed()
         what = f"{self.name} bytes {offset}-{offset + target.nbytes - 1}"
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self.client.executor, ranged_get_into, self.client.pool,
-                                   url, offset, target, what, headers)
+        await in_thread(self.client.executor, ranged_get_into, self.client.pool, url, offset,
+                        target, what, headers)

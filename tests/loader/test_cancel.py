@@ -135,3 +135,26 @@ def test_a_failed_chunk_ends_a_stream_whose_window_is_full(tmp_path, monkeypatch
 
     with pytest.raises(SourceError, match="injected"):
         asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_loop_shutdown_mid_read_frees_the_ring_only_after_reads_end(ckpt, monkeypatch):
+    """asyncio.run ending while reads are in flight cancels every task at once, chunk tasks
+    included: a chunk must still wait for its reader thread before its slot can be freed."""
+    from warmstart.loader.memory import HostRing
+
+    in_flight = _slow_reads(monkeypatch, 0.5)
+    at_free = []
+    free = HostRing.free
+    monkeypatch.setattr(HostRing, "free", lambda self: (at_free.append(in_flight[0]),
+                                                         free(self)))
+
+    async def consume():
+        async for _ in astream(str(ckpt), config=CFG.replace(staged=True)):
+            pass
+
+    async def main():
+        asyncio.ensure_future(consume())
+        await asyncio.sleep(0.3)  # reads are in flight; returning cancels all tasks
+
+    asyncio.run(main())
+    assert at_free == [0]
