@@ -104,15 +104,21 @@ async def astream(uri: str, device: str | torch.device = "cpu", *,
         aligns = [f.source.alignment for f in ckpt.files]
         staged = dev.type == "cuda" or cfg.staged or any(
             a > 1 and not direct_readable(f.header) for a, f in zip(aligns, ckpt.files))
-        plan = plan_reads(headers, names, chunk_size=cfg.chunk_size,
-                          group_size=cfg.group_size, gap_size=cfg.gap_size,
+        # Reads widen to whole alignment units (O_DIRECT pages, verify's blocks): chunks
+        # smaller than a unit would read each unit many times over.
+        unit = max(aligns, default=1)
+        chunk_size = -(-cfg.chunk_size // unit) * unit
+        plan = plan_reads(headers, names, chunk_size=chunk_size,
+                          group_size=max(cfg.group_size, chunk_size), gap_size=cfg.gap_size,
                           read_align=None if staged else aligns)
         backend = ckpt.files[0].source.backend if ckpt.files else "local"
         concurrency = cfg.read_concurrency(backend)
         ring = engine = None
         if staged:
-            slots = max(2, min(cfg.ring_slots, len(plan.chunks)))
-            ring = HostRing(slots, cfg.slot_bytes, pinned=dev.type == "cuda")
+            # a slot holds a chunk widened to its source's alignment on both ends
+            slot_bytes = chunk_size + 2 * max(4096, unit)
+            slots = max(2, min(cfg.memory_budget // slot_bytes, len(plan.chunks)))
+            ring = HostRing(slots, slot_bytes, pinned=dev.type == "cuda")
             stack.callback(ring.free)  # LIFO: runs after the engine closed (below)
             engine = (CudaCopyEngine(dev.index) if dev.type == "cuda" else HostCopyEngine())
             stack.callback(engine.close)

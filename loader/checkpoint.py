@@ -15,7 +15,8 @@ from concurrent.futures import Executor
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 
-from warmstart.errors import DuplicateTensor, NotFound, ShardIndexError
+from warmstart.errors import (DuplicateTensor, FormatError, IntegrityError, NotFound,
+                              ShardIndexError)
 from warmstart.loader.config import LoaderConfig
 from warmstart.loader.header import PREFIX_BYTES, Header, header_length, parse_header
 from warmstart.loader.index import INDEX_SUFFIX, ShardIndex, parse_index
@@ -23,6 +24,8 @@ from warmstart.loader.sources.base import Source
 from warmstart.loader.sources.local import LocalFileSource
 from warmstart.loader.sources.retry import RetryingSource, RetryPolicy
 from warmstart.loader.sources.s3 import S3Client, S3Object, S3Uri
+from warmstart.loader.sums import MAX_SIDECAR_BYTES, VerifyingSource, parse_sums
+from warmstart.loader.sums import SUFFIX as SUMS_SUFFIX
 
 FIRST_READ = 1 << 20  # one request usually covers the whole header
 DEFAULT_INDEX = "model" + INDEX_SUFFIX
@@ -175,10 +178,42 @@ def _check_names(files: list[CheckpointFile], index: ShardIndex | None) -> None:
                               f"{', '.join(map(repr, extra[:5]))}")
 
 
+async def _with_sums(resolver: "_Resolver", source: Source) -> Source:
+    """`source` (a RetryingSource) re-wrapped so each block it reads is checked against the
+    shard's `.sums` sidecar before the retry layer sees it."""
+    inner = source.inner
+    where = source.name + SUMS_SUFFIX
+    try:
+        if where.startswith("s3://"):
+            sidecar = await resolver.s3(S3Uri.parse(where))
+        else:
+            sidecar = resolver.local(where)
+        size = min(await sidecar.size(), MAX_SIDECAR_BYTES + 1)
+    except NotFound:
+        raise NotFound(errno.ENOENT, f"{where}: no block-sums sidecar for {source.name} "
+                                     f"(verify=True needs one; write it with `warmstart sums "
+                                     f"PATH` and upload it next to the shard)") from None
+    for attempt in range(resolver.policy.max_attempts):  # damaged on the way: read it again
+        try:
+            sums = parse_sums(await sidecar.read(0, size), where)
+            break
+        except FormatError:
+            if attempt + 1 == resolver.policy.max_attempts:
+                raise
+    actual = await inner.size()
+    if sums.size != actual:
+        raise IntegrityError(f"{where}: describes {sums.size} bytes, but {source.name} has "
+                             f"{actual}")
+    return RetryingSource(VerifyingSource(inner, sums), resolver.policy)
+
+
 async def open_checkpoint(uri: str, config: LoaderConfig, executor: Executor,
                           stack: AsyncExitStack) -> Checkpoint:
     """Resolves `uri` and validates every header; sources close when `stack` closes."""
-    sources, index = await _Resolver(config, executor, stack).resolve(str(uri))
+    resolver = _Resolver(config, executor, stack)
+    sources, index = await resolver.resolve(str(uri))
+    if config.verify:
+        sources = list(await asyncio.gather(*(_with_sums(resolver, s) for s in sources)))
     headers = await asyncio.gather(*(read_header(s) for s in sources))
     files = [CheckpointFile(s, h) for s, h in zip(sources, headers)]
     _check_names(files, index)

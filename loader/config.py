@@ -66,6 +66,9 @@ class LoaderConfig:
     """`device='cpu'`, local files only: map each file (private, copy-on-write) and hand out
     tensors that view the mapping, its pages made resident before a tensor is handed out; no
     copy at all. None (auto): when nearly all of every file is already in the page cache."""
+    verify: bool = False
+    """Check every block read against the shard's `.sums` sidecar (CRC32 per 1 MiB block,
+    written by `warmstart sums`); a mismatch is re-read, then fails naming object and range."""
     group_size: int = 1 * GiB
     """Destination memory is allocated per group of consecutive tensors of about this size."""
     gap_size: int = 1 * MiB

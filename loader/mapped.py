@@ -35,7 +35,8 @@ AUTO_CACHED_SHARE = 0.9  # auto: map only files at least this much in the page c
 def mappable(sources: Sequence[Source], headers: Sequence[Header], device: torch.device,
              config: LoaderConfig) -> list[LocalFileSource] | None:
     """The local sources to map, or None when this load must copy (any file not suited)."""
-    if device.type != "cpu" or config.staged or config.mmap is False or config.direct_io:
+    if device.type != "cpu" or config.staged or config.mmap is False or config.direct_io or \
+            config.verify:  # verified bytes must pass through a source
         return None
     out = []
     for source, header in zip(sources, headers):

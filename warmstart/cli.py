@@ -1,4 +1,5 @@
-"""The `warmstart` command: `load` (stream a checkpoint and report), `bench` (the
+"""The `warmstart` command: `load` (stream a checkpoint and report), `sums` (block-sums
+sidecars for verified loads), `bench` (the
 side-by-side benchmark harness), `image` (chunked container images)."""
 
 from __future__ import annotations
@@ -72,10 +73,43 @@ def _load_command(argv: list[str]) -> int:
     return 0
 
 
+def _sums_command(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="warmstart sums",
+        description="Write a block-sums sidecar (X.safetensors.sums: CRC32 per block) next to "
+                    "each local shard, for loads with verify=true. Upload the sidecars next "
+                    "to the shards when the checkpoint lives in S3.")
+    parser.add_argument("paths", nargs="+", help="shard files, or folders of them")
+    parser.add_argument("--block-size", default="1MiB", help="default 1MiB (a multiple of 4KiB)")
+    args = parser.parse_args(argv)
+    import os
+
+    from warmstart.errors import ConfigError
+    from warmstart.loader.config import parse_size
+    from warmstart.loader.sums import write_sidecars
+
+    block = parse_size(args.block_size, "--block-size")
+    if block < 4096 or block % 4096:
+        raise ConfigError(f"--block-size must be a multiple of 4096, got {block}")
+    files = []
+    for path in args.paths:
+        if os.path.isdir(path):
+            files += sorted(os.path.join(path, n) for n in os.listdir(path)
+                            if n.endswith(".safetensors"))
+        elif os.path.isfile(path):
+            files.append(path)
+        else:
+            parser.error(f"{path}: no such file or folder")
+    for sidecar in write_sidecars(files, block):
+        print(sidecar)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    usage = ("usage: warmstart {load,bench,image} ...\n\n"
+    usage = ("usage: warmstart {load,sums,bench,image} ...\n\n"
              "  load   stream a safetensors checkpoint into memory and report throughput\n"
+             "  sums   write block-sums sidecars for loads with verify=true\n"
              + "".join(f"  {name:<6} {help_}\n" for name, (_, help_) in SUBCOMMANDS.items()))
     if not argv or argv[0] in {"-h", "--help"}:
         print(usage)
@@ -84,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if command == "load":
             return _load_command(rest)
+        if command == "sums":
+            return _sums_command(rest)
         if command in SUBCOMMANDS:
             module = importlib.import_module(SUBCOMMANDS[command][0])
             return int(module.main(rest) or 0)

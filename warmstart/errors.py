@@ -94,6 +94,10 @@ class IntegrityError(WarmstartError):
     """Bytes do not match the digest they were promised to have."""
 
 
+class CorruptRead(Retryable, IntegrityError):
+    """Bytes read do not match their block sum (`verify=True`); reading again may fix it."""
+
+
 # --- native and device ------------------------------------------------------------------
 
 

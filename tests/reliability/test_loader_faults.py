@@ -17,6 +17,7 @@ from matrix import (BREAKING, CHECKPOINT_BYTES, CONFIG, EXHAUST_ATTEMPTS, MODES,
                     oracle, open_fds, run_load, sockets_to)
 from warmstart.errors import RetriesExhausted
 from warmstart.loader import load, sync
+from warmstart.loader.sums import write_sidecars
 from warmstart.testing.checkpoints import make_checkpoint
 
 BUCKET = "loader-faults"
@@ -29,6 +30,7 @@ QUICK = CONFIG.replace(read_timeout=0.25)  # a stall costs less; a false timeout
 def checkpoint(localbucket, tmp_path_factory):
     folder = make_checkpoint(tmp_path_factory.mktemp("faults"), CHECKPOINT_BYTES,
                              shards=SHARDS, dtype=torch.float16)
+    write_sidecars(str(p) for p in sorted(folder.glob("*.safetensors")))  # for verify=True
     localbucket.create_bucket(BUCKET)
     localbucket.upload_tree(folder, BUCKET, "m")
     return oracle(folder)
@@ -92,11 +94,30 @@ def test_faults_past_the_retry_bound_fail_named_bounded_and_clean(s3, mode):
 
 
 def test_byte_flip_lands_where_the_proxy_put_it(s3):
-    """The gap, pinned: a flipped byte arrives in the tensor unchanged by anything (no
-    checksum covers weights). When a per-chunk check exists this test must flip."""
+    """Without `verify`, nothing checks weight bytes: a flipped byte arrives in the tensor
+    (safetensors carries no checksum). The next test is the same fault with `verify=True`."""
     proxy, want = s3
     out = run_load(proxy, URI, want, "flip 1 byte", 1.0, seed=5, key="-of-")
     assert out.result == "wrong-bytes" and out.faults > 0, out
+
+
+@pytest.mark.parametrize("rate", [0.1, 1.0])
+def test_byte_flips_are_caught_with_verify(s3, rate):
+    """With block sums (verify=True), flipped blocks are read again until they match; when
+    every read of the shards is flipped, the load fails naming object and range."""
+    proxy, want = s3
+    cfg = QUICK.replace(verify=True)
+    if rate == 1:
+        cfg = cfg.replace(max_attempts=EXHAUST_ATTEMPTS)
+    out = run_load(proxy, URI, want, "flip 1 byte", rate, seed=3, config=cfg,
+                   key="-of-")
+    assert out.faults > 0, "the fault never fired: the test proved nothing"
+    if rate < 1:
+        assert out.result == "identical", out
+    else:
+        assert out.result == "named-error", out
+        assert "block sum" in out.error or "block-sums" in out.error, out
+        assert "s3://" in out.error, out
 
 
 @pytest.mark.slow
