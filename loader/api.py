@@ -19,7 +19,7 @@ from warmstart.loader.checkpoint import open_checkpoint
 from warmstart.loader.config import LoaderConfig
 from warmstart.loader.copy import CudaCopyEngine, HostCopyEngine
 from warmstart.loader.header import DTYPES
-from warmstart.loader.mapped import mappable, stream_mapped, typed
+from warmstart.loader.mapped import mappable, stream_mapped
 from warmstart.loader.memory import HostRing, host_tensor
 from warmstart.loader.pipeline import Destination, execute, settle
 from warmstart.loader.plan import direct_readable, plan_reads
@@ -91,10 +91,7 @@ async def astream(uri: str, device: str | torch.device = "cpu", *,
                                   progress)
             async with contextlib.aclosing(views):  # its worker finishes before we close
                 async for entry, raw in views:
-                    tensor = typed(entry, raw)
-                    if dtype is not None and tensor.is_floating_point() and \
-                            tensor.dtype != dtype:
-                        tensor = tensor.to(dtype)
+                    tensor = _as_tensor(raw, entry.dtype, entry.shape, dtype)
                     count, nbytes = count + 1, nbytes + entry.nbytes
                     yield entry.name, tensor
             _log_done(count, nbytes, uri, dev, started, "mapped from the page cache")
@@ -160,10 +157,8 @@ async def astream(uri: str, device: str | torch.device = "cpu", *,
                     raise item
                 t = plan.tensors[item]
                 buf = dest.buffer(t.group)
-                tensor = buf[t.offset:t.offset + t.nbytes].view(
-                    getattr(torch, DTYPES[t.dtype][0])).reshape(t.shape)
-                if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
-                    tensor = tensor.to(dtype)
+                tensor = _as_tensor(buf[t.offset:t.offset + t.nbytes], t.dtype, t.shape,
+                                    dtype)
                 left_in_group[t.group] -= 1
                 if left_in_group[t.group] == 0:
                     dest.release(t.group)  # the views keep the memory alive
@@ -178,6 +173,16 @@ async def astream(uri: str, device: str | torch.device = "cpu", *,
             await settle(runner)
         _log_done(len(plan.tensors), total, uri, dev, started,
                   "staged" if staged else "read in place")
+
+
+def _as_tensor(raw: torch.Tensor, code: str, shape: tuple[int, ...],
+               cast: torch.dtype | None) -> torch.Tensor:
+    """A view of `raw` (uint8 bytes) as safetensors dtype `code` and `shape`; floating-point
+    tensors cast to `cast` when given (integers and bools never are)."""
+    tensor = raw.view(getattr(torch, DTYPES[code][0])).reshape(shape)
+    if cast is not None and tensor.is_floating_point() and tensor.dtype != cast:
+        tensor = tensor.to(cast)
+    return tensor
 
 
 def _log_done(count: int, nbytes: int, uri: str, dev: torch.device, started: float,

@@ -24,7 +24,7 @@ import torch
 
 from warmstart.errors import TruncatedFile
 from warmstart.loader.config import LoaderConfig
-from warmstart.loader.header import DTYPES, Header, TensorEntry
+from warmstart.loader.header import Header, TensorEntry
 from warmstart.loader.plan import _split_groups, direct_readable, select
 from warmstart.loader.sources.base import Source
 from warmstart.loader.sources.local import FileMapping, LocalFileSource
@@ -100,6 +100,3 @@ async def stream_mapped(sources: Sequence[LocalFileSource], headers: Sequence[He
         if pending is not None:  # it touches only its own mapping; let it finish
             await asyncio.gather(pending, return_exceptions=True)
 
-
-def typed(entry: TensorEntry, raw: torch.Tensor) -> torch.Tensor:
-    return raw.view(getattr(torch, DTYPES[entry.dtype][0])).reshape(entry.shape)
