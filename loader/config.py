@@ -121,14 +121,6 @@ class LoaderConfig:
         if self.s3_data_path not in {"auto", "raw", "botocore"}:
             raise ConfigError("s3_data_path must be 'auto', 'raw' or 'botocore'")
 
-    @property
-    def ring_slots(self) -> int:
-        return self.memory_budget // self.slot_bytes
-
-    @property
-    def slot_bytes(self) -> int:
-        return self.chunk_size + 2 * 4096  # room for O_DIRECT alignment on both ends
-
     def read_concurrency(self, backend: str) -> int:
         return self.concurrency or {"local": 8, "s3": 16}.get(backend, 8)
 
