@@ -35,6 +35,20 @@ def parse_size(value: Any, key: str) -> int:
     raise ConfigError(f"{key}: cannot read {value!r} as a size (examples: 8MiB, 512M, 1GiB)")
 
 
+DEFAULT_CHUNK = 16 * MiB
+SLOT_MARGIN = 2 * 4096
+"""Bytes a ring slot holds beyond its chunk: a chunk widened to 4 KiB on both ends."""
+
+
+def auto_chunk_size(memory_budget: int) -> int:
+    """The chunk size used when none is set: the default when two default chunks fit in
+    `memory_budget`, else the largest multiple of 4 KiB that lets two slots (chunk plus
+    margins) fit."""
+    if memory_budget >= 2 * DEFAULT_CHUNK:
+        return DEFAULT_CHUNK
+    return max(4096, (memory_budget // 2 - SLOT_MARGIN) // 4096 * 4096)
+
+
 def _parse_bool(value: Any, key: str) -> bool | None:
     if value is None or (isinstance(value, str) and value.strip().lower() == "auto"):
         return None
@@ -51,8 +65,10 @@ def _parse_bool(value: Any, key: str) -> bool | None:
 class LoaderConfig:
     """How the loader reads, stages and copies. Sizes are bytes."""
 
-    chunk_size: int = 16 * MiB
-    """Bytes per read request and per ring slot."""
+    chunk_size: int = 0
+    """Bytes per read request and per ring slot. 0 (auto): 16 MiB, or less when
+    `memory_budget` is too small for two such slots (two slots and their alignment margins
+    then fill the budget)."""
     memory_budget: int = 256 * MiB
     """Host memory the loader may use beyond the tensors it returns (ring slots)."""
     concurrency: int = 0
@@ -95,6 +111,12 @@ class LoaderConfig:
     https:// endpoints)."""
 
     def __post_init__(self) -> None:
+        # The budget is the user's promise, the chunk size ours: an unset chunk size shrinks
+        # to fit; an explicit one that cannot fit is an error naming both (validate).
+        auto = self.chunk_size == 0
+        object.__setattr__(self, "_auto_chunk", auto)
+        if auto:
+            object.__setattr__(self, "chunk_size", auto_chunk_size(self.memory_budget))
         self.validate()
 
     def validate(self) -> None:
@@ -102,9 +124,13 @@ class LoaderConfig:
             raise ConfigError(f"chunk_size must be a multiple of 4096 bytes, got "
                               f"{self.chunk_size}")
         if self.memory_budget < 2 * self.chunk_size:
+            if getattr(self, "_auto_chunk", False):
+                raise ConfigError(f"memory_budget ({self.memory_budget} bytes) is too small: "
+                                  f"it must hold two chunks of at least 4 KiB (8192 bytes)")
             raise ConfigError(
                 f"memory_budget ({self.memory_budget}) must hold at least two chunks of "
-                f"chunk_size ({self.chunk_size})")
+                f"chunk_size ({self.chunk_size}); lower chunk_size or leave it unset to "
+                f"have it derived from the budget")
         if self.concurrency < 0 or self.concurrency > 1024:
             raise ConfigError(f"concurrency must be 0 (auto) or 1..1024, got {self.concurrency}")
         if self.group_size < self.chunk_size:
@@ -125,7 +151,10 @@ class LoaderConfig:
         return self.concurrency or {"local": 8, "s3": 16}.get(backend, 8)
 
     def replace(self, **changes: Any) -> "LoaderConfig":
-        return self.from_mapping({**dataclasses.asdict(self), **changes})
+        values = dataclasses.asdict(self)
+        if getattr(self, "_auto_chunk", False):
+            values["chunk_size"] = 0  # still derived from whatever the budget becomes
+        return self.from_mapping({**values, **changes})
 
     @classmethod
     def keys(cls) -> list[str]:

@@ -144,3 +144,24 @@ def test_bad_config_and_device():
         if torch.cuda.is_available():
             pytest.skip("this machine has CUDA")
         load("/nonexistent", device="cuda:0")
+
+
+def test_small_budget_derives_chunk_size(tmp_path):
+    """An unset chunk size shrinks to fit the budget; an explicit impossible pair is named."""
+    cfg = LoaderConfig(memory_budget=1 << 20)
+    assert cfg.chunk_size % 4096 == 0 and 2 * (cfg.chunk_size + 8192) <= 1 << 20
+    assert LoaderConfig().chunk_size == 16 << 20
+    assert LoaderConfig.from_mapping({"memory_budget": "64MiB"}).chunk_size == 16 << 20
+    # the derivation follows the budget through replace(); an explicit size sticks
+    assert cfg.replace(memory_budget="256MiB").chunk_size == 16 << 20
+    assert LoaderConfig(chunk_size=8192, memory_budget=1 << 20).replace(
+        memory_budget=4 << 20).chunk_size == 8192
+    with pytest.raises(ConfigError, match=r"memory_budget \(1048576\).*chunk_size \(1048576\)"):
+        LoaderConfig(chunk_size=1 << 20, memory_budget=1 << 20)
+    with pytest.raises(ConfigError, match="memory_budget .*too small"):
+        LoaderConfig(memory_budget=4096)
+    path = tmp_path / "m.safetensors"
+    tensors = {f"t{i}": torch.full((70_000,), float(i)) for i in range(4)}
+    save_file(tensors, str(path))
+    got = load(str(path), memory_budget=1 << 20, staged=True)
+    assert all(torch.equal(got[k], v) for k, v in tensors.items())
