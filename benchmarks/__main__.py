@@ -2,6 +2,6 @@
 
 import sys
 
-from warmstart.benchmarks.harness import main
+from warmstart.cli import main
 
-sys.exit(main())
+sys.exit(main(["bench", *sys.argv[1:]]))

@@ -270,4 +270,6 @@ def _plot(results: dict, path: str) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from warmstart.extras import run_command
+
+    sys.exit(run_command("python -m warmstart.benchmarks.image_bench", main))

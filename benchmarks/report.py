@@ -6,6 +6,8 @@ the same run, and fractions of ceiling use the ceiling measured in the same scen
 
 from __future__ import annotations
 
+import sys
+
 import json
 import statistics
 from pathlib import Path
@@ -267,4 +269,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from warmstart.extras import run_command
+
+    sys.exit(run_command("python -m warmstart.benchmarks.report", main))

@@ -299,4 +299,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from warmstart.extras import run_command
+
+    sys.exit(run_command("python -m warmstart.benchmarks.vllm_bench", main))

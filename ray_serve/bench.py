@@ -160,4 +160,6 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from warmstart.extras import run_command
+
+    sys.exit(run_command("python -m warmstart.ray_serve.bench", main))

@@ -10,7 +10,7 @@ import json
 import sys
 import time
 
-from warmstart.errors import WarmstartError
+from warmstart.extras import require, run_command
 
 SUBCOMMANDS = {
     "bench": ("warmstart.benchmarks.harness", "benchmark warmstart against the loaders "
@@ -105,6 +105,25 @@ def _sums_command(argv: list[str]) -> int:
     return 0
 
 
+BENCH_NEEDS = ("localbucket", "safetensors", "matplotlib")
+"""What `warmstart bench` cannot run without (all in the bench extra); checked up front so a
+missing one is a one-line answer, not a server that dies at start."""
+
+
+def _dispatch(command: str, rest: list[str], usage: str) -> int:
+    if command == "load":
+        return _load_command(rest)
+    if command == "sums":
+        return _sums_command(rest)
+    if command in SUBCOMMANDS:
+        if command == "bench" and not {"-h", "--help"} & set(rest):
+            require(BENCH_NEEDS, "warmstart bench")
+        module = importlib.import_module(SUBCOMMANDS[command][0])
+        return int(module.main(rest) or 0)
+    print(f"warmstart: unknown command {command!r}\n\n{usage}", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     usage = ("usage: warmstart {load,sums,bench,image} ...\n\n"
@@ -115,22 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         print(usage)
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
-    try:
-        if command == "load":
-            return _load_command(rest)
-        if command == "sums":
-            return _sums_command(rest)
-        if command in SUBCOMMANDS:
-            module = importlib.import_module(SUBCOMMANDS[command][0])
-            return int(module.main(rest) or 0)
-    except WarmstartError as exc:
-        print(f"warmstart {command}: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"warmstart {command}: interrupted", file=sys.stderr)
-        return 130
-    print(f"warmstart: unknown command {command!r}\n\n{usage}", file=sys.stderr)
-    return 2
+    return run_command(f"warmstart {command}", lambda: _dispatch(command, rest, usage))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,11 @@ class ConfigError(WarmstartError, ValueError):
     """A configuration value or key is invalid."""
 
 
+class MissingDependency(WarmstartError, ImportError):
+    """An optional package or tool this feature needs is not installed; the message names
+    how to install it."""
+
+
 # --- bad checkpoint files -------------------------------------------------------------
 
 
