@@ -373,3 +373,21 @@ def test_naming_another_runtime_than_the_loaded_one_is_a_config_error(dbl, mem, 
     with pytest.raises(ConfigError, match="already loaded the CUDA runtime"):
         load(str(path), "cuda:0", config=TINY.replace(cuda_runtime=str(other)),
              _device_memory=mem)
+
+
+@pytest.mark.parametrize("opts", [{"direct_io": True}, {"direct_io": False}, {"verify": True}],
+                         ids=["odirect-on", "odirect-off", "verify"])
+def test_gpu_check_loads_of_odd_sizes_are_identical_on_the_double(dbl, mem, tmp_path_factory,
+                                                                  opts):
+    """What benchmarks/gpu_check.sh checks on the H200, here on the double: its odd-size
+    checkpoint (made by the same code) loads bit-identically to cuda:1."""
+    from warmstart.benchmarks import gpu_check
+
+    root = tmp_path_factory.mktemp("odd")
+    made = gpu_check.make(str(root), 48 << 20)
+    assert made["tensors"] >= len(gpu_check.ODD)
+    got = load(made["path"], "cuda:1", config=cfg_for(dbl, LoaderConfig(
+        chunk_size=1 << 20, memory_budget=4 << 20, mmap=False), **opts), _device_memory=mem)
+    assert gpu_check._same(got, gpu_check._reference(made["path"], "cpu"))
+    assert dbl.stat("pageable") == 0
+    no_hazards(dbl)
