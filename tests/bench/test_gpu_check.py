@@ -4,6 +4,7 @@ imports, and the summary it writes is computed from the parts as documented."""
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 from pathlib import Path
 
@@ -36,3 +37,21 @@ def test_summary_joins_the_parts(tmp_path):
     assert out["warmstart_vs_safetensors"] == 44.0 / 5.0
     assert out["warmstart_vs_ceiling"] == 44.0 / 50.0
     assert out["first_load"] == {"ring_pinned": True}
+
+
+def test_first_call_benchmark_runs_and_summarizes(tmp_path):
+    """benchmarks/first_call.py on a small checkpoint, warm (dropping the cache is for the
+    benchmark run, not for tests): both loaders ran in fresh processes, same bytes."""
+    import torch
+
+    from warmstart.benchmarks import first_call
+    from warmstart.testing.checkpoints import make_checkpoint
+
+    path = make_checkpoint(tmp_path, 2 << 20, dtype=torch.float16)
+    rows = [first_call.one_run(kind, str(path)) for kind in ("safetensors", "warmstart")]
+    assert rows[0]["bytes"] == rows[1]["bytes"] > 0
+    assert 0 <= rows[1]["before_first_chunk"] <= rows[1]["seconds"]
+    out = first_call.summarize(rows + [dict(rows[1], seconds=rows[1]["seconds"] * 3)])
+    assert out["warmstart"]["seconds"] == statistics.median(
+        [rows[1]["seconds"], rows[1]["seconds"] * 3])
+    assert out["warmstart_vs_safetensors"] > 0
