@@ -1,6 +1,7 @@
 #include "cuda_rt.h"
 
 #include <dlfcn.h>
+#include <link.h>
 
 #include <atomic>
 #include <mutex>
@@ -22,6 +23,7 @@ constexpr int kNotLoaded = -1;
 
 struct Api {
   Err (*GetDeviceCount)(int*) = nullptr;
+  Err (*GetDevice)(int*) = nullptr;
   Err (*SetDevice)(int) = nullptr;
   Err (*HostAlloc)(void**, size_t, unsigned) = nullptr;
   Err (*FreeHost)(void*) = nullptr;
@@ -36,6 +38,7 @@ struct Api {
   Err (*EventQuery)(Event) = nullptr;
   Err (*EventSynchronize)(Event) = nullptr;
   Err (*EventDestroy)(Event) = nullptr;
+  Err (*StreamWaitEvent)(Stream, Event, unsigned) = nullptr;
   const char* (*GetErrorString)(Err) = nullptr;
 };
 
@@ -46,6 +49,7 @@ void* handle = nullptr;
 // mutex.
 std::atomic<bool> ready{false};
 std::string reason = "CUDA runtime not loaded yet";
+std::string path;
 std::mutex load_mutex;
 
 template <typename F>
@@ -57,6 +61,8 @@ bool resolve(F& fn, const char* name) {
 
 bool resolve_all() {
   return resolve(api.GetDeviceCount, "cudaGetDeviceCount") &&
+         resolve(api.GetDevice, "cudaGetDevice") &&
+         resolve(api.StreamWaitEvent, "cudaStreamWaitEvent") &&
          resolve(api.SetDevice, "cudaSetDevice") && resolve(api.HostAlloc, "cudaHostAlloc") &&
          resolve(api.FreeHost, "cudaFreeHost") &&
          resolve(api.HostRegister, "cudaHostRegister") &&
@@ -73,34 +79,49 @@ bool resolve_all() {
          resolve(api.GetErrorString, "cudaGetErrorString");
 }
 
-void* open_runtime(const std::string& extra_path) {
-  static const char* sonames[] = {"libcudart.so.13", "libcudart.so.12", "libcudart.so.11.0",
-                                  "libcudart.so"};
-  for (const char* so : sonames) {  // a runtime torch already loaded is the one to share
-    if (void* h = dlopen(so, RTLD_NOW | RTLD_NOLOAD)) return h;
+void* open_runtime(const std::vector<std::string>& mapped,
+                   const std::vector<std::string>& paths, std::string* tried) {
+  for (const std::string& so : mapped) {
+    if (void* h = dlopen(so.c_str(), RTLD_NOW | RTLD_NOLOAD)) return h;
   }
-  if (!extra_path.empty()) {
-    if (void* h = dlopen(extra_path.c_str(), RTLD_NOW | RTLD_LOCAL)) return h;
-  }
-  for (const char* so : sonames) {
-    if (void* h = dlopen(so, RTLD_NOW | RTLD_LOCAL)) return h;
+  for (const std::string& p : paths) {
+    if (void* h = dlopen(p.c_str(), RTLD_NOW | RTLD_LOCAL)) return h;
+    const char* e = dlerror();
+    *tried += "\n  " + p + ": " + (e != nullptr ? e : "not found");
   }
   return nullptr;
 }
 
+std::string file_of(void* h) {
+  link_map* map = nullptr;
+  if (dlinfo(h, RTLD_DI_LINKMAP, &map) != 0 || map == nullptr || map->l_name == nullptr)
+    return "";
+  return map->l_name;
+}
+
+// Makes `device` current on the calling thread unless it already is (see cuda_rt.h).
+Err use(int device) {
+  int current = -1;
+  if (api.GetDevice(&current) == 0 && current == device) return 0;
+  return api.SetDevice(device);
+}
+
 }  // namespace
 
-int load(const std::string& extra_path) {
+int load(const std::vector<std::string>& mapped, const std::vector<std::string>& paths) {
   std::lock_guard<std::mutex> lock(load_mutex);
   if (handle == nullptr) {
-    handle = open_runtime(extra_path);
+    std::string tried;
+    handle = open_runtime(mapped, paths, &tried);
     if (handle == nullptr) {
-      reason = "no CUDA runtime library (libcudart) could be loaded";
+      reason = "no CUDA runtime library (libcudart) could be loaded; tried:" + tried;
       return -1;
     }
+    path = file_of(handle);
     if (!resolve_all()) {
       dlclose(handle);
       handle = nullptr;
+      path.clear();
       api = Api{};
       return -1;
     }
@@ -118,6 +139,11 @@ int load(const std::string& extra_path) {
 
 bool loaded() { return ready.load(); }
 
+std::string loaded_path() {
+  std::lock_guard<std::mutex> lock(load_mutex);
+  return path;
+}
+
 std::string why() {
   std::lock_guard<std::mutex> lock(load_mutex);
   return reason;
@@ -128,16 +154,19 @@ const char* error_string(int code) {
   return api.GetErrorString != nullptr ? api.GetErrorString(code) : "unknown CUDA error";
 }
 
-int set_device(int device) { return loaded() ? api.SetDevice(device) : kNotLoaded; }
+int get_device(int* out) { return loaded() ? api.GetDevice(out) : kNotLoaded; }
 
-void* host_alloc(uint64_t nbytes) {
-  void* ptr = nullptr;
-  if (!loaded() || api.HostAlloc(&ptr, nbytes, kHostAllocPortable) != 0) return nullptr;
-  return ptr;
+int host_alloc(int device, uint64_t nbytes, void** out) {
+  *out = nullptr;
+  if (!loaded()) return kNotLoaded;
+  if (Err e = use(device)) return e;  // else a fresh thread allocates through GPU 0
+  Err e = api.HostAlloc(out, nbytes, kHostAllocPortable);
+  if (e != 0) *out = nullptr;
+  return e;
 }
 
-void host_free(void* ptr) {
-  if (loaded()) api.FreeHost(ptr);
+void host_free(int device, void* ptr) {
+  if (loaded() && use(device) == 0) api.FreeHost(ptr);
 }
 
 int host_register(void* ptr, uint64_t nbytes) {
@@ -148,7 +177,7 @@ int host_unregister(void* ptr) { return loaded() ? api.HostUnregister(ptr) : kNo
 
 int stream_create(int device, uintptr_t* out) {
   if (!loaded()) return kNotLoaded;
-  if (Err e = api.SetDevice(device)) return e;
+  if (Err e = use(device)) return e;
   Stream s = nullptr;
   Err e = api.StreamCreateWithFlags(&s, kStreamNonBlocking);
   *out = reinterpret_cast<uintptr_t>(s);
@@ -157,25 +186,25 @@ int stream_create(int device, uintptr_t* out) {
 
 int stream_destroy(int device, uintptr_t stream) {
   if (!loaded()) return kNotLoaded;
-  if (Err e = api.SetDevice(device)) return e;
+  if (Err e = use(device)) return e;
   return api.StreamDestroy(reinterpret_cast<Stream>(stream));
 }
 
 int stream_synchronize(int device, uintptr_t stream) {
   if (!loaded()) return kNotLoaded;
-  if (Err e = api.SetDevice(device)) return e;
+  if (Err e = use(device)) return e;
   return api.StreamSynchronize(reinterpret_cast<Stream>(stream));
 }
 
 int memcpy_h2d_async(int device, void* dst, const void* src, uint64_t n, uintptr_t stream) {
   if (!loaded()) return kNotLoaded;
-  if (Err e = api.SetDevice(device)) return e;
+  if (Err e = use(device)) return e;
   return api.MemcpyAsync(dst, src, n, kMemcpyHostToDevice, reinterpret_cast<Stream>(stream));
 }
 
 int event_create(int device, uintptr_t* out) {
   if (!loaded()) return kNotLoaded;
-  if (Err e = api.SetDevice(device)) return e;
+  if (Err e = use(device)) return e;
   Event ev = nullptr;
   Err e = api.EventCreateWithFlags(&ev, kEventDisableTiming | kEventBlockingSync);
   *out = reinterpret_cast<uintptr_t>(ev);
@@ -184,28 +213,47 @@ int event_create(int device, uintptr_t* out) {
 
 int event_record(int device, uintptr_t event, uintptr_t stream) {
   if (!loaded()) return kNotLoaded;
-  if (Err e = api.SetDevice(device)) return e;
+  if (Err e = use(device)) return e;
   return api.EventRecord(reinterpret_cast<Event>(event), reinterpret_cast<Stream>(stream));
 }
 
-// Every call that touches a device object first makes its device current on the calling
-// thread: a thread that never chose one would otherwise start a context on device 0.
 int event_query(int device, uintptr_t event) {
   if (!loaded()) return kNotLoaded;
-  if (Err e = api.SetDevice(device)) return e;
+  if (Err e = use(device)) return e;
   return api.EventQuery(reinterpret_cast<Event>(event));
 }
 
 int event_synchronize(int device, uintptr_t event) {
   if (!loaded()) return kNotLoaded;
-  if (Err e = api.SetDevice(device)) return e;
+  if (Err e = use(device)) return e;
   return api.EventSynchronize(reinterpret_cast<Event>(event));
 }
 
 int event_destroy(int device, uintptr_t event) {
   if (!loaded()) return kNotLoaded;
-  if (Err e = api.SetDevice(device)) return e;
+  if (Err e = use(device)) return e;
   return api.EventDestroy(reinterpret_cast<Event>(event));
+}
+
+int copy_and_wait(int device, void* dst, const void* src, uint64_t n, uintptr_t stream,
+                  uintptr_t event) {
+  if (!loaded()) return kNotLoaded;
+  if (Err e = use(device)) return e;
+  auto s = reinterpret_cast<Stream>(stream);
+  auto ev = reinterpret_cast<Event>(event);
+  if (Err e = api.MemcpyAsync(dst, src, n, kMemcpyHostToDevice, s)) return e;
+  Err e = api.EventRecord(ev, s);
+  if (e == 0) e = api.EventSynchronize(ev);
+  if (e != 0) api.StreamSynchronize(s);  // the copy may still read `src`: wait for it
+  return e;
+}
+
+int stream_wait_stream(int device, uintptr_t stream, uintptr_t other, uintptr_t event) {
+  if (!loaded()) return kNotLoaded;
+  if (Err e = use(device)) return e;
+  auto ev = reinterpret_cast<Event>(event);
+  if (Err e = api.EventRecord(ev, reinterpret_cast<Stream>(other))) return e;
+  return api.StreamWaitEvent(reinterpret_cast<Stream>(stream), ev, 0);
 }
 
 }  // namespace warmstart::cuda

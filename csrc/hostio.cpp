@@ -31,15 +31,15 @@ static void prefault(void* ptr, uint64_t nbytes) {
   for (uint64_t off = 0; off < nbytes; off += static_cast<uint64_t>(page)) p[off] = 0;
 }
 
-void* host_alloc(uint64_t nbytes, bool pinned, int* kind_out) {
+void* host_alloc(uint64_t nbytes, bool pinned, int device, int* kind_out, int* cuda_err) {
   if (nbytes == 0) nbytes = 1;
-  if (pinned && cuda::loaded()) {
-    void* ptr = cuda::host_alloc(nbytes);
-    if (ptr != nullptr) {
-      *kind_out = kHostCudaPinned;
-      return ptr;
-    }
-    return nullptr;
+  *cuda_err = 0;
+  if (pinned) {
+    void* ptr = nullptr;
+    *cuda_err = cuda::host_alloc(device, nbytes, &ptr);
+    if (*cuda_err != 0) return nullptr;
+    *kind_out = kHostCudaPinned;
+    return ptr;
   }
   void* ptr = mmap(nullptr, nbytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   if (ptr == MAP_FAILED) return nullptr;
@@ -51,10 +51,10 @@ void* host_alloc(uint64_t nbytes, bool pinned, int* kind_out) {
   return ptr;
 }
 
-void host_free(void* ptr, uint64_t nbytes, int kind) {
+void host_free(void* ptr, uint64_t nbytes, int kind, int device) {
   if (ptr == nullptr) return;
   if (kind == kHostCudaPinned) {
-    cuda::host_free(ptr);
+    cuda::host_free(device, ptr);
   } else {
     munmap(ptr, nbytes == 0 ? 1 : nbytes);
   }

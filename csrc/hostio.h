@@ -13,10 +13,12 @@ int64_t pread_full(int fd, uint64_t offset, void* dst, uint64_t length);
 enum HostKind : int { kHostMmap = 1, kHostCudaPinned = 2 };
 
 // Allocates `nbytes` of page-aligned host memory, pre-faulted so later writes run at memory
-// speed. Pinned through the CUDA runtime when `pinned` and CUDA is loaded, else an anonymous
-// mapping with transparent huge pages requested. Returns nullptr on failure (errno set).
-void* host_alloc(uint64_t nbytes, bool pinned, int* kind_out);
-void host_free(void* ptr, uint64_t nbytes, int kind);
+// speed. `pinned`: through the CUDA runtime (cudaHostAlloc with `device` current), never
+// silently anything else: on failure nullptr with the cudaError_t in *cuda_err (-1: runtime
+// not loaded); the caller decides the fallback. Else an anonymous mapping with transparent
+// huge pages requested; nullptr on failure (errno set).
+void* host_alloc(uint64_t nbytes, bool pinned, int device, int* kind_out, int* cuda_err);
+void host_free(void* ptr, uint64_t nbytes, int kind, int device);  // device: pinned only
 
 }  // namespace warmstart
 

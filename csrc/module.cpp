@@ -4,6 +4,7 @@
 #include <Python.h>
 
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include "chunker.h"
@@ -43,30 +44,77 @@ PyObject* py_memcpy(PyObject*, PyObject* args) {
 
 PyObject* py_host_alloc(PyObject*, PyObject* args) {
   unsigned long long nbytes;
-  int pinned;
-  if (!PyArg_ParseTuple(args, "Kp", &nbytes, &pinned)) return nullptr;
+  int pinned, device = 0;
+  if (!PyArg_ParseTuple(args, "Kp|i", &nbytes, &pinned, &device)) return nullptr;
   void* ptr;
-  int kind = 0;
-  Py_BEGIN_ALLOW_THREADS ptr = host_alloc(nbytes, pinned != 0, &kind);
-  Py_END_ALLOW_THREADS if (ptr == nullptr) return Py_BuildValue("(Ki)", 0ULL, 0);
-  return Py_BuildValue("(Ki)", reinterpret_cast<unsigned long long>(ptr), kind);
+  int kind = 0, err = 0;
+  Py_BEGIN_ALLOW_THREADS ptr = host_alloc(nbytes, pinned != 0, device, &kind, &err);
+  Py_END_ALLOW_THREADS return Py_BuildValue("(Kii)", reinterpret_cast<unsigned long long>(ptr),
+                                            ptr == nullptr ? 0 : kind, err);
+}
+
+// A list of str -> vector<string>; false with a Python error set otherwise.
+bool strings(PyObject* list, std::vector<std::string>* out) {
+  PyObject* seq = PySequence_Fast(list, "expected a list of str");
+  if (seq == nullptr) return false;
+  for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(seq); ++i) {
+    const char* s = PyUnicode_AsUTF8(PySequence_Fast_GET_ITEM(seq, i));
+    if (s == nullptr) {
+      Py_DECREF(seq);
+      return false;
+    }
+    out->emplace_back(s);
+  }
+  Py_DECREF(seq);
+  return true;
 }
 
 PyObject* py_host_free(PyObject*, PyObject* args) {
   unsigned long long addr, nbytes;
-  int kind;
-  if (!PyArg_ParseTuple(args, "KKi", &addr, &nbytes, &kind)) return nullptr;
-  Py_BEGIN_ALLOW_THREADS host_free(as_ptr(addr), nbytes, kind);
+  int kind, device = 0;
+  if (!PyArg_ParseTuple(args, "KKi|i", &addr, &nbytes, &kind, &device)) return nullptr;
+  Py_BEGIN_ALLOW_THREADS host_free(as_ptr(addr), nbytes, kind, device);
   Py_END_ALLOW_THREADS Py_RETURN_NONE;
 }
 
 PyObject* py_cuda_load(PyObject*, PyObject* args) {
-  const char* path = "";
-  if (!PyArg_ParseTuple(args, "|s", &path)) return nullptr;
+  PyObject *mapped_list, *path_list;
+  if (!PyArg_ParseTuple(args, "OO", &mapped_list, &path_list)) return nullptr;
+  std::vector<std::string> mapped, paths;
+  if (!strings(mapped_list, &mapped) || !strings(path_list, &paths)) return nullptr;
   int count;
-  std::string p(path);
-  Py_BEGIN_ALLOW_THREADS count = cuda::load(p);
+  Py_BEGIN_ALLOW_THREADS count = cuda::load(mapped, paths);
   Py_END_ALLOW_THREADS return PyLong_FromLong(count);
+}
+
+PyObject* py_cuda_runtime_path(PyObject*, PyObject*) {
+  return PyUnicode_FromString(cuda::loaded_path().c_str());
+}
+
+PyObject* py_cuda_get_device(PyObject*, PyObject*) {
+  int device = -1, err;
+  Py_BEGIN_ALLOW_THREADS err = cuda::get_device(&device);
+  Py_END_ALLOW_THREADS return Py_BuildValue("(ii)", err, device);
+}
+
+PyObject* py_cuda_copy(PyObject*, PyObject* args) {
+  int device;
+  unsigned long long dst, src, n, stream, event;
+  if (!PyArg_ParseTuple(args, "iKKKKK", &device, &dst, &src, &n, &stream, &event))
+    return nullptr;
+  int err;
+  Py_BEGIN_ALLOW_THREADS err = cuda::copy_and_wait(device, as_ptr(dst), as_ptr(src), n, stream,
+                                                   event);
+  Py_END_ALLOW_THREADS return PyLong_FromLong(err);
+}
+
+PyObject* py_cuda_stream_wait(PyObject*, PyObject* args) {
+  int device;
+  unsigned long long stream, other, event;
+  if (!PyArg_ParseTuple(args, "iKKK", &device, &stream, &other, &event)) return nullptr;
+  int err;
+  Py_BEGIN_ALLOW_THREADS err = cuda::stream_wait_stream(device, stream, other, event);
+  Py_END_ALLOW_THREADS return PyLong_FromLong(err);
 }
 
 PyObject* py_cuda_why(PyObject*, PyObject*) { return PyUnicode_FromString(cuda::why().c_str()); }
@@ -177,9 +225,17 @@ PyMethodDef methods[] = {
     {"cached_fraction", py_cached_fraction, METH_VARARGS,
      "cached_fraction(fd, size, max_pages) -> share of sampled pages in the page cache"},
     {"host_alloc", py_host_alloc, METH_VARARGS,
-     "host_alloc(nbytes, pinned) -> (addr, kind); addr 0 on failure"},
-    {"host_free", py_host_free, METH_VARARGS, "host_free(addr, nbytes, kind)"},
-    {"cuda_load", py_cuda_load, METH_VARARGS, "cuda_load(extra_path='') -> device count or -1"},
+     "host_alloc(nbytes, pinned, device=0) -> (addr, kind, cuda_err); addr 0 on failure"},
+    {"host_free", py_host_free, METH_VARARGS, "host_free(addr, nbytes, kind, device=0)"},
+    {"cuda_load", py_cuda_load, METH_VARARGS,
+     "cuda_load(mapped, paths) -> device count or -1 (mapped: tried with RTLD_NOLOAD first)"},
+    {"cuda_runtime_path", py_cuda_runtime_path, METH_NOARGS,
+     "the file the CUDA runtime was loaded from ('' before)"},
+    {"cuda_get_device", py_cuda_get_device, METH_NOARGS, "-> (err, current device)"},
+    {"cuda_copy", py_cuda_copy, METH_VARARGS,
+     "cuda_copy(device, dst, src, n, stream, event) -> cudaError_t, once src is read"},
+    {"cuda_stream_wait", py_cuda_stream_wait, METH_VARARGS,
+     "cuda_stream_wait(device, stream, other, event): stream waits for other's work so far"},
     {"cuda_why", py_cuda_why, METH_NOARGS, "why the CUDA runtime is not usable ('' if it is)"},
     {"cuda_error_string", py_cuda_error_string, METH_VARARGS, "name of a cudaError_t"},
     {"cuda_host_register", py_cuda_host_register, METH_VARARGS, "-> cudaError_t"},

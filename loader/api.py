@@ -9,7 +9,8 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack
-from typing import AsyncIterator, Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Callable, Iterable, Iterator
 
 import torch
 
@@ -20,7 +21,7 @@ from warmstart.loader.config import LoaderConfig
 from warmstart.loader.copy import CudaCopyEngine, HostCopyEngine
 from warmstart.loader.header import DTYPES
 from warmstart.loader.mapped import mappable, stream_mapped
-from warmstart.loader.memory import HostRing, host_tensor
+from warmstart.loader.memory import DeviceMemory, HostRing, TorchCudaMemory, host_tensor
 from warmstart.loader.pipeline import Destination, execute, settle
 from warmstart.loader.plan import direct_readable, plan_reads
 
@@ -37,29 +38,39 @@ def resolve_config(config: LoaderConfig | None, options: dict) -> LoaderConfig:
     return base.replace(**options) if options else base
 
 
-def device_buffer(dev: torch.device, nbytes: int) -> torch.Tensor:
-    """Device memory for one group. torch's caching allocator may hand back a block that
-    kernels queued on its current stream still use; our copies run on another stream, so wait
-    for that stream once per group before writing into the block."""
-    buf = torch.empty(nbytes, dtype=torch.uint8, device=dev)
-    torch.cuda.current_stream(dev).synchronize()
-    return buf
+@dataclass(frozen=True)
+class CudaTarget:
+    """A load to a GPU as seen from the thread that asked for it: where destination memory
+    comes from, and the stream that thread consumes the tensors on (its current stream when
+    it called; casts run there and copies wait for it before writing a reused block)."""
+
+    memory: DeviceMemory
+    stream: Any
 
 
-def _device(device: str | torch.device) -> torch.device:
+def _device(device: str | torch.device, memory: DeviceMemory | None = None
+            ) -> tuple[torch.device, CudaTarget | None]:
+    """Resolves `device` on the calling thread: a bare "cuda" is that thread's current device,
+    and its current stream is the consumer's."""
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as exc:
         raise ConfigError(f"invalid device {device!r}: {exc}") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise CudaUnavailable(f"device {device!r} requested but this torch build or "
-                                  f"machine has no usable CUDA")
-        if dev.index is None:
-            dev = torch.device("cuda", torch.cuda.current_device())
-    elif dev.type != "cpu":
+    if dev.type == "cpu":
+        return dev, None
+    if dev.type != "cuda":
         raise ConfigError(f"device must be 'cpu' or 'cuda[:N]', got {device!r}")
-    return dev
+    memory = memory if memory is not None else TorchCudaMemory()
+    count = memory.device_count()
+    if count == 0:
+        raise CudaUnavailable(f"device {device!r} requested but this torch build or "
+                              f"machine has no usable CUDA")
+    if dev.index is None:
+        dev = torch.device("cuda", memory.current_device())
+    if dev.index >= count:
+        raise CudaUnavailable(f"device {device!r} requested but only {count} CUDA device(s) "
+                              f"are visible")
+    return dev, CudaTarget(memory, memory.current_stream(dev.index))
 
 
 async def astream(uri: str, device: str | torch.device = "cpu", *,
@@ -67,14 +78,18 @@ async def astream(uri: str, device: str | torch.device = "cpu", *,
                   config: LoaderConfig | None = None,
                   progress: Progress | None = None,
                   _groups_ahead: int | None = STREAM_GROUPS_AHEAD,
+                  _device_memory: DeviceMemory | None = None,
+                  _cuda: CudaTarget | None = None,
                   **options) -> AsyncIterator[tuple[str, torch.Tensor]]:
     """Yields `(name, tensor)` as soon as each tensor's bytes have fully landed on `device`.
 
     `names` restricts the load to those tensors; `dtype` casts floating-point tensors.
     `options` override fields of `config` (e.g. `memory_budget="128MiB", concurrency=8`).
+    For a GPU, tensors are meant for the caller's current stream (casts run on it).
     """
     cfg = resolve_config(config, options)
-    dev = _device(device)
+    # _cuda: resolved by load()/stream() on the caller's thread, not on the loop's
+    dev, cuda = (torch.device(device), _cuda) if _cuda else _device(device, _device_memory)
     started = time.perf_counter()
     async with AsyncExitStack() as stack:
         checkpoint_executor = ThreadPoolExecutor(32, thread_name_prefix="warmstart-io")
@@ -111,19 +126,27 @@ async def astream(uri: str, device: str | torch.device = "cpu", *,
         backend = ckpt.files[0].source.backend if ckpt.files else "local"
         concurrency = cfg.read_concurrency(backend)
         ring = engine = None
-        if staged:
-            # a slot holds a chunk widened to its source's alignment on both ends
-            slot_bytes = chunk_size + 2 * max(4096, unit)
-            slots = max(2, min(cfg.memory_budget // slot_bytes, len(plan.chunks)))
-            ring = HostRing(slots, slot_bytes, pinned=dev.type == "cuda")
-            stack.callback(ring.free)  # LIFO: runs after the engine closed (below)
-            engine = (CudaCopyEngine(dev.index) if dev.type == "cuda" else HostCopyEngine())
-            stack.callback(engine.close)
-        if dev.type == "cuda":
-            alloc = functools.partial(device_buffer, dev)
+        # a slot holds a chunk widened to its source's alignment on both ends
+        slot_bytes = chunk_size + 2 * max(4096, unit)
+        slots = max(2, min(cfg.memory_budget // slot_bytes, len(plan.chunks)))
+        if cuda is not None:
+            # The runtime loads (and the ring is pinned, with its device current) on the
+            # engine's threads, before the first slot exists.
+            engine = await CudaCopyEngine(dev.index, cfg.cuda_runtime).open()
+            stack.push_async_callback(engine.aclose)
+            ring = await engine.ring(slots, slot_bytes)
+            stack.callback(ring.free)  # LIFO: hands the ring back before the engine closes
+            consumer = cuda.memory.stream_handle(cuda.stream)
+            dest = Destination(plan, functools.partial(cuda.memory.alloc, dev.index,
+                                                       stream=cuda.stream),
+                               after_alloc=functools.partial(engine.wait_for, consumer))
         else:
-            alloc = host_tensor
-        dest = Destination(plan, alloc)
+            if staged:
+                ring = HostRing.pageable(slots, slot_bytes)
+                stack.callback(ring.free)  # LIFO: runs after the engine closed (below)
+                engine = HostCopyEngine()
+                stack.callback(engine.close)
+            dest = Destination(plan, host_tensor)
         ready: asyncio.Queue = asyncio.Queue()
         window = asyncio.Semaphore(_groups_ahead) if _groups_ahead else None
         total = plan.read_bytes
@@ -157,8 +180,9 @@ async def astream(uri: str, device: str | torch.device = "cpu", *,
                     raise item
                 t = plan.tensors[item]
                 buf = dest.buffer(t.group)
-                tensor = _as_tensor(buf[t.offset:t.offset + t.nbytes], t.dtype, t.shape,
-                                    dtype)
+                with cuda.memory.on_stream(cuda.stream) if cuda else contextlib.nullcontext():
+                    tensor = _as_tensor(buf[t.offset:t.offset + t.nbytes], t.dtype, t.shape,
+                                        dtype)
                 left_in_group[t.group] -= 1
                 if left_in_group[t.group] == 0:
                     dest.release(t.group)  # the views keep the memory alive
@@ -195,11 +219,14 @@ def _log_done(count: int, nbytes: int, uri: str, dev: torch.device, started: flo
 async def aload(uri: str, device: str | torch.device = "cpu", *,
                 names: Iterable[str] | None = None, dtype: torch.dtype | None = None,
                 config: LoaderConfig | None = None,
-                progress: Progress | None = None, **options) -> dict[str, torch.Tensor]:
+                progress: Progress | None = None, _device_memory: DeviceMemory | None = None,
+                _cuda: CudaTarget | None = None, **options) -> dict[str, torch.Tensor]:
     """Loads every (or each named) tensor; returns only once all of them have landed."""
     out: dict[str, torch.Tensor] = {}
     async for name, tensor in astream(uri, device, names=names, dtype=dtype, config=config,
-                                      progress=progress, _groups_ahead=None, **options):
+                                      progress=progress, _groups_ahead=None,
+                                      _device_memory=_device_memory, _cuda=_cuda,
+                                      **options):
         out[name] = tensor
     return out
 
@@ -207,20 +234,24 @@ async def aload(uri: str, device: str | torch.device = "cpu", *,
 def load(uri: str, device: str | torch.device = "cpu", *,
          names: Iterable[str] | None = None, dtype: torch.dtype | None = None,
          config: LoaderConfig | None = None,
-         progress: Progress | None = None, **options) -> dict[str, torch.Tensor]:
+         progress: Progress | None = None, _device_memory: DeviceMemory | None = None,
+         **options) -> dict[str, torch.Tensor]:
     """Sync `aload`, run on warmstart's own I/O thread (safe inside a running event loop)."""
-    # Resolved here: a bare "cuda" means the caller thread's current device, not the one
-    # warmstart's loop thread happens to have.
+    # Resolved here: a bare "cuda" means the caller thread's current device, and the
+    # consumer's stream is the caller thread's, not those of warmstart's loop thread.
     cfg = resolve_config(config, options)  # bad options fail here, on the caller's thread
-    return sync.run(aload(uri, _device(device), names=names, dtype=dtype, config=cfg,
-                          progress=progress))
+    dev, cuda = _device(device, _device_memory)
+    return sync.run(aload(uri, dev, names=names, dtype=dtype, config=cfg, progress=progress,
+                          _cuda=cuda))
 
 
 def stream(uri: str, device: str | torch.device = "cpu", *,
            names: Iterable[str] | None = None, dtype: torch.dtype | None = None,
            config: LoaderConfig | None = None,
-           progress: Progress | None = None, **options) -> Iterator[tuple[str, torch.Tensor]]:
+           progress: Progress | None = None, _device_memory: DeviceMemory | None = None,
+           **options) -> Iterator[tuple[str, torch.Tensor]]:
     """Sync `astream`: yields `(name, tensor)` as each tensor lands."""
     cfg = resolve_config(config, options)
-    return sync.iterate(astream(uri, _device(device), names=names, dtype=dtype,
-                                config=cfg, progress=progress))
+    dev, cuda = _device(device, _device_memory)
+    return sync.iterate(astream(uri, dev, names=names, dtype=dtype, config=cfg,
+                                progress=progress, _cuda=cuda))

@@ -109,6 +109,9 @@ class LoaderConfig:
     """'raw' (SigV4-signed ranged GETs received with recv_into straight into the buffer),
     'botocore' (aiobotocore's streaming body), or 'auto' (raw for http://, botocore for
     https:// endpoints)."""
+    cuda_runtime: str | None = None
+    """Path of the CUDA runtime library (libcudart) to load. Unset: the one already in the
+    process (torch's), else pip's wheel or the system's, torch's CUDA major version first."""
 
     def __post_init__(self) -> None:
         # The budget is the user's promise, the chunk size ours: an unset chunk size shrinks

@@ -26,11 +26,15 @@ class CopyEngine(Protocol):
 
 
 class Destination:
-    """Allocates group buffers on first use; `alloc(nbytes)` returns a uint8 tensor."""
+    """Allocates group buffers on first use; `alloc(nbytes)` returns a uint8 tensor.
+    `after_alloc`, when given, is awaited once a group's buffer exists and before any chunk
+    is copied into it (the GPU path orders its copies after the consumer's stream there)."""
 
-    def __init__(self, plan: ReadPlan, alloc: Callable[[int], torch.Tensor]) -> None:
+    def __init__(self, plan: ReadPlan, alloc: Callable[[int], torch.Tensor],
+                 after_alloc: Callable[[], Awaitable[None]] | None = None) -> None:
         self.plan = plan
         self._alloc = alloc
+        self.after_alloc = after_alloc
         self.buffers: dict[int, torch.Tensor] = {}
 
     def buffer(self, group: int) -> torch.Tensor:
@@ -105,6 +109,8 @@ async def execute(plan: ReadPlan, sources: Sequence[Source], dest: Destination, 
                 return False
         started.add(group)
         dest.buffer(group)
+        if dest.after_alloc is not None:
+            await dest.after_alloc()
         for t in plan.groups[group].tensors:
             if remaining[t] == 0:  # empty tensors carry no bytes
                 on_tensor(t)

@@ -32,7 +32,7 @@ def test_plan_reads(benchmark, llama_header, chunk_mib):
 def test_ring_cycle(benchmark):
     """1000 get/put cycles through an 8-slot pageable ring (the per-chunk hand-off cost)."""
     loop = asyncio.new_event_loop()
-    ring = HostRing(8, MiB, pinned=False)
+    ring = HostRing.pageable(8, MiB)
 
     async def cycle():
         for _ in range(1000):

@@ -1,4 +1,7 @@
-"""CUDA path: pinned ring + cudaMemcpyAsync on a stream with events. Runs only with a GPU."""
+"""CUDA path on a real GPU: pinned ring + copies on a stream with events. Runs only with a GPU.
+
+The same paths run on CPU CI through the CUDA runtime double (test_cuda_double.py). Nothing
+here loads CUDA at collection time: a first load must pin its ring by itself."""
 
 from __future__ import annotations
 
@@ -7,13 +10,15 @@ import torch
 from safetensors.torch import load_file
 
 from test_oracle import TINY, assert_same
+from warmstart import _native
 from warmstart.loader import LoaderConfig, load, stream
-from warmstart.loader.copy import cuda_device_count
 
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available() or cuda_device_count() == 0,
+    pytest.mark.skipif(not torch.cuda.is_available(),
                        reason="needs an NVIDIA GPU with a driver and a CUDA build of torch"),
+    pytest.mark.skipif("double" in _native.cuda_runtime_path(),
+                       reason="this process loaded the CUDA runtime double"),
 ]
 
 
@@ -33,6 +38,18 @@ def test_cuda_stream_and_safetensors_agree(checkpoint):
     got = {n: t.clone() for n, t in stream(str(root / "single.safetensors"), "cuda:0",
                                            config=TINY)}
     assert_same({k: v.cpu() for k, v in got.items()}, {k: v.cpu() for k, v in want.items()})
+
+
+def test_caller_device_and_stream_unchanged(checkpoint):
+    root, tensors = checkpoint
+    torch.cuda.set_device(0)
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        got = load(str(root / "single.safetensors"), f"cuda:{torch.cuda.device_count() - 1}",
+                   config=TINY)
+        assert torch.cuda.current_stream() == side
+    assert torch.cuda.current_device() == 0
+    assert_same({k: v.cpu() for k, v in got.items()}, tensors)
 
 
 from test_oracle import checkpoint  # noqa: E402,F401  (shared module fixture)

@@ -1,0 +1,97 @@
+"""The first call in a fresh process: where its time goes, against safetensors.load_file.
+
+    python -m warmstart.benchmarks.first_call CHECKPOINT [--runs 3] [--no-drop-caches]
+
+Each run is a fresh interpreter with torch and the loader imported before the clock; with
+root, the page cache is dropped before each run (cold). warmstart's time is split into set-up
+before the first chunk lands, the reads and copies, and what follows the last chunk, from the
+public progress callback; safetensors' tensors are read back page by page inside its clock
+(its `load_file` maps the file, so untouched pages would not be read at all). Prints one JSON
+object with every run and the medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+CHILD = r"""
+import json, sys, time
+import torch
+kind, path = sys.argv[1], sys.argv[2]
+if kind == "warmstart":
+    from warmstart.loader import load
+else:
+    from safetensors.torch import load_file
+marks = []
+t0 = time.perf_counter()
+if kind == "warmstart":
+    out = load(path, progress=lambda done, total: marks.append(time.perf_counter()))
+else:
+    out = load_file(path)
+    for t in out.values():  # read every page of the mapping inside the clock
+        if t.numel():
+            t.reshape(-1).view(torch.uint8)[::4096].sum()
+t1 = time.perf_counter()
+row = {"kind": kind, "seconds": t1 - t0,
+       "bytes": sum(t.numel() * t.element_size() for t in out.values())}
+if marks:
+    row["before_first_chunk"] = marks[0] - t0
+    row["after_last_chunk"] = t1 - marks[-1]
+print(json.dumps(row))
+"""
+
+
+def drop_caches() -> bool:
+    try:
+        os.sync()
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def one_run(kind: str, path: str) -> dict:
+    proc = subprocess.run([sys.executable, "-c", CHILD, kind, path], capture_output=True,
+                          text=True, check=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def summarize(rows: list[dict]) -> dict:
+    out: dict[str, dict] = {}
+    for kind in sorted({r["kind"] for r in rows}):
+        mine = [r for r in rows if r["kind"] == kind]
+        out[kind] = {key: statistics.median(r[key] for r in mine)
+                     for key in ("seconds", "before_first_chunk", "after_last_chunk")
+                     if all(key in r for r in mine)}
+    if "warmstart" in out and "safetensors" in out:
+        out["warmstart_vs_safetensors"] = (out["safetensors"]["seconds"] /
+                                           out["warmstart"]["seconds"])
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint")
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--no-drop-caches", action="store_true")
+    args = parser.parse_args(argv)
+    rows, cold = [], not args.no_drop_caches
+    for _ in range(args.runs):
+        for kind in ("safetensors", "warmstart"):  # interleaved: drift hits both alike
+            if cold and not drop_caches():
+                print("cannot drop the page cache (needs root): runs are warm", file=sys.stderr)
+                cold = False
+            rows.append(one_run(kind, args.checkpoint))
+    print(json.dumps({"cache": "cold" if cold else "warm", "runs": rows,
+                      "median": summarize(rows)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
