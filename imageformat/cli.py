@@ -17,6 +17,8 @@ import tempfile
 
 from warmstart.errors import ConfigError, WarmstartError
 
+from .sources import LayerLimits
+
 ENV_STORE = "WARMSTART_IMAGE_STORE"
 ENV_CACHE = "WARMSTART_IMAGE_CACHE"
 
@@ -51,7 +53,14 @@ def build(p: argparse.ArgumentParser) -> None:
     c.add_argument("--tag", required=True)
     c.add_argument("--blob-size", type=_size, default=64 << 20)
     c.add_argument("--level", type=int, default=3, help="zstd level")
-    c.add_argument("--workdir", help="where layers are decompressed (default: $TMPDIR)")
+    c.add_argument("--workdir", help="where new chunks are spooled, compressed, until the "
+                   "final tree is known (default: $TMPDIR)")
+    c.add_argument("--max-image-bytes", type=_size, default=LayerLimits.max_bytes,
+                   help="refuse layers that decompress to more than this in all "
+                   "(default 64G)")
+    c.add_argument("--max-layer-ratio", type=float, default=LayerLimits.max_ratio,
+                   help="refuse a layer that decompresses more than this many times its "
+                   "compressed size (judged past 256M; default 100)")
 
     s = sub.add_parser("push", help="copy an image to another store, uploading only new chunks")
     s.add_argument("ref")
@@ -65,6 +74,10 @@ def build(p: argparse.ArgumentParser) -> None:
     q.add_argument("dest")
     with_store(q)
     q.add_argument("--concurrency", type=int, default=8)
+    q.add_argument("--keep-devices", action="store_true",
+                   help="create the image's device nodes (root only; skipped by default)")
+    q.add_argument("--keep-setid", action="store_true",
+                   help="keep setuid/setgid bits and file capabilities (cleared by default)")
     q.add_argument("--throttle", type=_size, metavar="BYTES_PER_S",
                    help="simulate a slower network (benchmarks), e.g. 150M")
 
@@ -119,8 +132,10 @@ def run(args: argparse.Namespace) -> int:
         from .convert import convert
         bar, progress = _bar(0, "convert")
         with _open(args.store) as store:
+            limits = LayerLimits(args.max_image_bytes, args.max_layer_ratio)
             res = convert(args.source, store, args.tag, blob_size=args.blob_size,
-                          level=args.level, progress=progress, workdir=args.workdir)
+                          level=args.level, progress=progress, workdir=args.workdir,
+                          limits=limits)
         if bar:
             bar.close()
         print(json.dumps(res.__dict__))
@@ -135,15 +150,17 @@ def run(args: argparse.Namespace) -> int:
                 bar.close()
         print(json.dumps(res.__dict__))
     elif args.cmd == "pull":
-        from .pull import pull
+        from .pull import PullPolicy, PullReport, pull
+        report = PullReport()
         with _open(args.store, args.throttle) as store:
             size = sum(e.size for e in store.open_image(args.ref).toc.entries)
             bar, progress = _bar(size, "pull")
             image = pull(store, args.ref, args.dest, concurrency=args.concurrency,
-                         progress=progress)
+                         progress=progress, report=report,
+                         policy=PullPolicy(args.keep_devices, args.keep_setid))
             if bar:
                 bar.close()
-        print(json.dumps({"digest": image.digest, "dest": args.dest}))
+        print(json.dumps({"digest": image.digest, "dest": args.dest, **report.__dict__}))
     elif args.cmd == "mount":
         from .mount import MountOptions, serve
         opts = MountOptions(args.cache, args.cache_size, not args.no_prefetch,
