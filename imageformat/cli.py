@@ -17,7 +17,7 @@ import tempfile
 
 from warmstart.errors import ConfigError, WarmstartError
 
-from .sources import LayerLimits
+from .sources import LayerLimits, parse_platform
 
 ENV_STORE = "WARMSTART_IMAGE_STORE"
 ENV_CACHE = "WARMSTART_IMAGE_CACHE"
@@ -47,8 +47,19 @@ def build(p: argparse.ArgumentParser) -> None:
         sp.add_argument(flag, default=store_default, required=store_default is None,
                         help=f"image store: a folder or s3://bucket/prefix (${ENV_STORE})")
 
-    c = sub.add_parser("convert", help="convert an OCI layout, docker-archive or rootfs folder")
-    c.add_argument("source", help="DIR (rootfs or OCI layout), LAYOUT:TAG, ARCHIVE.tar[:TAG]")
+    def with_registry(sp):
+        sp.add_argument("--plain-http", action="store_true",
+                        help="talk http:// to docker:// registries (local registries)")
+        sp.add_argument("--auth-file", help="registry credentials (default: "
+                        "$REGISTRY_AUTH_FILE, else ~/.docker/config.json)")
+
+    c = sub.add_parser("convert", help="convert a registry image, an OCI layout, a "
+                       "docker-archive or a rootfs folder")
+    c.add_argument("source", help="docker://HOST[:PORT]/REPO[:TAG|@sha256:...], DIR (rootfs "
+                   "or OCI layout), LAYOUT:TAG, ARCHIVE.tar[:TAG]")
+    c.add_argument("--platform", help="OS/ARCH[/VARIANT] to pick from a multi-platform "
+                   "image (default: this machine's)")
+    with_registry(c)
     with_store(c)
     c.add_argument("--tag", required=True)
     c.add_argument("--blob-size", type=_size, default=64 << 20)
@@ -120,6 +131,12 @@ def _bar(total: int, desc: str):
     return bar, bar.update
 
 
+def _registry(args: argparse.Namespace):
+    from .registry import RegistryOptions
+    return RegistryOptions.from_env(plain_http=getattr(args, "plain_http", False),
+                                    auth_file=getattr(args, "auth_file", None))
+
+
 def _open(uri: str, throttle: int | None = None):
     from .backends import S3Config
     from .store import ImageStore
@@ -135,7 +152,8 @@ def run(args: argparse.Namespace) -> int:
             limits = LayerLimits(args.max_image_bytes, args.max_layer_ratio)
             res = convert(args.source, store, args.tag, blob_size=args.blob_size,
                           level=args.level, progress=progress, workdir=args.workdir,
-                          limits=limits)
+                          limits=limits, platform=parse_platform(args.platform),
+                          registry=_registry(args))
         if bar:
             bar.close()
         print(json.dumps(res.__dict__))
