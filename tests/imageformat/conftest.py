@@ -165,3 +165,24 @@ def registry_images(registry, oci_layout):
         run("skopeo", "--insecure-policy", "copy", "--dest-tls-verify=false",
             f"oci:{oci_layout}:{tag}", f"docker://{host}/x:{tag}")
     return host
+
+
+@pytest.fixture(scope="session")
+def auth_registry(tmp_path_factory, oci_layout):
+    """docker-registry with token auth: Bearer challenges answered by tests' token server,
+    user alice/secret; x:v1 pushed by skopeo with those credentials. Yields (host, server)."""
+    if shutil.which("docker-registry") is None or shutil.which("skopeo") is None:
+        pytest.skip("needs docker-registry and skopeo (Debian packages)")
+    pytest.importorskip("cryptography", reason="the test token server signs with it")
+    from tokenserver import TokenServer
+    root = tmp_path_factory.mktemp("auth-registry")
+    tokens = TokenServer(root, {"alice": "secret"})
+    proc, host = start_registry(root, tokens.registry_config())
+    try:
+        run("skopeo", "--insecure-policy", "copy", "--dest-tls-verify=false",
+            "--dest-creds", "alice:secret", f"oci:{oci_layout}:v1", f"docker://{host}/x:v1")
+        yield host, tokens
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        tokens.stop()

@@ -109,3 +109,30 @@ def test_cli_convert_from_registry_and_missing_images(registry_images, tmp_path,
     rc = main(["image", "convert", f"docker://{host}/x:v1", "--store", store, "--tag", "x"])
     err = capsys.readouterr().err  # https to a plain-http registry: a named error, no hang
     assert rc == 1 and err.count("\n") == 1 and host in err
+
+
+def _auth_file(path, host, user, password) -> str:
+    import base64
+    auth = base64.b64encode(f"{user}:{password}".encode()).decode()
+    path.write_text(json.dumps({"auths": {f"http://{host}": {"auth": auth}}}))
+    return str(path)
+
+
+def test_bearer_token_auth_with_credentials_from_the_auth_file(auth_registry, tmp_path):
+    from warmstart.errors import AccessDenied
+    host, tokens = auth_registry
+    source = f"docker://{host}/x:v1"
+    with ImageStore.open(str(tmp_path / "s")) as s:
+        with pytest.raises(AccessDenied, match=host):
+            convert(source, s, "v1", registry=PLAIN)  # anonymous: the token grants nothing
+        bad = _auth_file(tmp_path / "bad.json", host, "alice", "wrong")
+        with pytest.raises(AccessDenied, match="refused the credentials"):
+            convert(source, s, "v1", registry=RegistryOptions.from_env(
+                {"REGISTRY_AUTH_FILE": bad}, plain_http=True))
+        before = tokens.issued
+        docker = tmp_path / "docker"
+        docker.mkdir()
+        _auth_file(docker / "config.json", host, "alice", "secret")
+        opts = RegistryOptions.from_env({"DOCKER_CONFIG": str(docker)}, plain_http=True)
+        r = convert(source, s, "v1", registry=opts)
+        assert r.new_chunks > 0 and tokens.issued > before
