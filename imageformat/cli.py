@@ -45,9 +45,8 @@ def build(p: argparse.ArgumentParser) -> None:
 
     def with_store(sp, flag="--store"):
         sp.add_argument(flag, default=store_default, required=store_default is None,
-                        help=f"image store: a folder or s3://bucket/prefix (${ENV_STORE})")
-
-    def with_registry(sp):
+                        help="image store: a folder, s3://bucket/prefix or "
+                        f"docker://HOST[:PORT]/REPO (${ENV_STORE})")
         sp.add_argument("--plain-http", action="store_true",
                         help="talk http:// to docker:// registries (local registries)")
         sp.add_argument("--auth-file", help="registry credentials (default: "
@@ -59,7 +58,6 @@ def build(p: argparse.ArgumentParser) -> None:
                    "or OCI layout), LAYOUT:TAG, ARCHIVE.tar[:TAG]")
     c.add_argument("--platform", help="OS/ARCH[/VARIANT] to pick from a multi-platform "
                    "image (default: this machine's)")
-    with_registry(c)
     with_store(c)
     c.add_argument("--tag", required=True)
     c.add_argument("--blob-size", type=_size, default=64 << 20)
@@ -137,9 +135,18 @@ def _registry(args: argparse.Namespace):
                                     auth_file=getattr(args, "auth_file", None))
 
 
-def _open(uri: str, throttle: int | None = None):
+def _registry_args(args: argparse.Namespace) -> list[str]:
+    """The registry flags again, for a child `warmstart image mount`."""
+    return ((["--plain-http"] if args.plain_http else [])
+            + (["--auth-file", args.auth_file] if args.auth_file else []))
+
+
+def _open(uri: str, args: argparse.Namespace, throttle: int | None = None):
     from .backends import S3Config
     from .store import ImageStore
+    if uri.startswith("docker://"):
+        from .registry_store import RegistryStore
+        return RegistryStore.open_registry(uri, _registry(args), throttle)
     return ImageStore.open(uri, S3Config.from_env() if uri.startswith("s3://") else None,
                            throttle)
 
@@ -148,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
     if args.cmd == "convert":
         from .convert import convert
         bar, progress = _bar(0, "convert")
-        with _open(args.store) as store:
+        with _open(args.store, args) as store:
             limits = LayerLimits(args.max_image_bytes, args.max_layer_ratio)
             res = convert(args.source, store, args.tag, blob_size=args.blob_size,
                           level=args.level, progress=progress, workdir=args.workdir,
@@ -160,7 +167,7 @@ def run(args: argparse.Namespace) -> int:
     elif args.cmd == "push":
         from .convert import push
         tag = args.tag or args.ref.split("@")[0]
-        with _open(args.__dict__["from"]) as src, _open(args.to) as dst:
+        with _open(args.__dict__["from"], args) as src, _open(args.to, args) as dst:
             bar, progress = _bar(0, "push")
             res = push(src, args.ref, dst, tag, blob_size=args.blob_size,
                        progress=progress)
@@ -170,7 +177,7 @@ def run(args: argparse.Namespace) -> int:
     elif args.cmd == "pull":
         from .pull import PullPolicy, PullReport, pull
         report = PullReport()
-        with _open(args.store, args.throttle) as store:
+        with _open(args.store, args, args.throttle) as store:
             size = sum(e.size for e in store.open_image(args.ref).toc.entries)
             bar, progress = _bar(size, "pull")
             image = pull(store, args.ref, args.dest, concurrency=args.concurrency,
@@ -183,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
         from .mount import MountOptions, serve
         opts = MountOptions(args.cache, args.cache_size, not args.no_prefetch,
                             record_path=args.record)
-        with _open(args.store, args.throttle) as store:
+        with _open(args.store, args, args.throttle) as store:
             stats = serve(store, args.ref, args.mountpoint, opts)
         print(json.dumps(stats), file=sys.stderr)
     elif args.cmd == "record":
@@ -191,7 +198,7 @@ def run(args: argparse.Namespace) -> int:
     elif args.cmd == "inspect":
         return _inspect(args)
     elif args.cmd == "gc":
-        with _open(args.store) as store:
+        with _open(args.store, args) as store:
             doomed = store.gc(dry_run=args.dry_run)
         print(json.dumps({"deleted" if not args.dry_run else "would_delete": doomed}))
     return 0
@@ -207,7 +214,7 @@ def _record(args: argparse.Namespace) -> int:
         mnt, prof = os.path.join(tmp, "mnt"), os.path.join(tmp, "profile.json")
         os.mkdir(mnt)
         proc = spawn_mount(args.store, args.ref, mnt, os.path.join(tmp, "cache"),
-                           "--no-prefetch", "--record", prof)
+                           "--no-prefetch", "--record", prof, *_registry_args(args))
         try:
             full = ([c.replace("{mount}", mnt) for c in cmd] if args.no_chroot
                     else ["chroot", mnt, *cmd])
@@ -221,14 +228,14 @@ def _record(args: argparse.Namespace) -> int:
         with open(prof, "rb") as f:
             profile = parse_profile(f.read())
         tag = args.tag or args.ref.split("@")[0]
-        with _open(args.store) as store:
+        with _open(args.store, args) as store:
             digest = store.add_profile(args.ref, profile, tag)
     print(json.dumps({"digest": digest, "tag": tag, "chunks": len(profile.chunks)}))
     return 0
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    with _open(args.store) as store:
+    with _open(args.store, args) as store:
         if args.ref is None:
             print(json.dumps(store.tags(), indent=1))
             return 0

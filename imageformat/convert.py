@@ -116,7 +116,8 @@ class OrderedCompressor:
 
 
 def _finish(store: ImageStore, toc: TOC, used: dict[str, Location], sizes: dict[str, int],
-            name: str | None, stats: tuple[int, int, int], profile=None) -> Result:
+            name: str | None, stats: tuple[int, int, int], profile=None,
+            subject: Descriptor | None = None) -> Result:
     check_tree(toc.entries)
     toc_bytes = encode_checked_toc(toc)
     index_bytes = encode_chunk_index(used)
@@ -131,7 +132,8 @@ def _finish(store: ImageStore, toc: TOC, used: dict[str, Location], sizes: dict[
         toc_d = await store.put_blob(toc_bytes)
         idx_d = await store.put_blob(index_bytes)
         m = Manifest(Descriptor(MT_TOC, toc_d, len(toc_bytes)),
-                     Descriptor(MT_CHUNK_INDEX, idx_d, len(index_bytes)), tuple(blobs), profile)
+                     Descriptor(MT_CHUNK_INDEX, idx_d, len(index_bytes)), tuple(blobs), profile,
+                     subject=subject)
         return await store.put_image(m, name), toc_d
     digest, toc_d = run_sync(go())
     return Result(digest, toc_d, *stats)
@@ -247,7 +249,7 @@ def convert(source: str, store: ImageStore, name: str | None, *, kind: str | Non
         locs = {d: (loc or packer.locations[d]) for d, loc in used.items()}
         return _finish(store, TOC(tuple(entries), chunking), locs,
                        {**sizes, **packer.blob_sizes}, name,
-                       (new, len(used) - new, packer.uploaded))
+                       (new, len(used) - new, packer.uploaded), subject=src.manifest)
 
 
 def push(src: ImageStore, ref: str, dst: ImageStore, name: str | None, *,
@@ -288,4 +290,5 @@ def push(src: ImageStore, ref: str, dst: ImageStore, name: str | None, *,
         profile = Descriptor(image.manifest.profile.media_type,  # type: ignore[union-attr]
                              run_sync(dst.put_blob(data)), len(data))
     return _finish(dst, image.toc, used, {**sizes, **packer.blob_sizes}, name,
-                   (len(missing), len(used) - len(missing), packer.uploaded), profile)
+                   (len(missing), len(used) - len(missing), packer.uploaded), profile,
+                   image.manifest.subject)

@@ -34,8 +34,6 @@ from warmstart.errors import (AccessDenied, ConfigError, DigestMismatch, Endpoin
                               ImageFormatError, NotFound, Retryable, RetriesExhausted,
                               SourceError, UnsupportedVersion)
 
-from .model import Descriptor
-
 MANIFEST_ACCEPT = ", ".join((
     "application/vnd.oci.image.index.v1+json",
     "application/vnd.oci.image.manifest.v1+json",
@@ -458,8 +456,8 @@ class _OneShot:
 def registry_image(text: str, options: RegistryOptions, platform):
     """`docker://HOST/REPO[:TAG|@DIGEST]` -> a SourceImage whose layers stream from the
     registry (index resolved to `platform`)."""
-    from .sources import (Layer, SourceImage, descriptor, is_index, layer_descriptors,
-                          pick_platform, verified_json)
+    from .sources import (Layer, SourceImage, is_index, layer_descriptors, pick_platform,
+                          subject_of, verified_json)
     ref = Reference.parse(text)
     client = RegistryClient(ref.host, options)
     what = str(ref)
@@ -476,6 +474,5 @@ def registry_image(text: str, options: RegistryOptions, platform):
         layers.append(Layer(f"{what} layer {i}",
                             lambda d=d: client.open_blob(ref.repo, d.digest), d.digest,
                             size=d.size))
-    descriptor({"digest": digest, "size": len(data)}, what)
     mt = doc.get("mediaType") or media_type
-    return SourceImage(tuple(layers), Descriptor(mt, digest, len(data)))
+    return SourceImage(tuple(layers), subject_of(mt, digest, len(data)))

@@ -246,7 +246,12 @@ def _oci_image(layout: str, ref: str | None, platform: Platform) -> SourceImage:
         layers.append(Layer(what, lambda d=d, what=what: _layout_open(layout, d.digest, what),
                             d.digest, size=d.size))
     mt = manifest.get("mediaType") or desc.media_type or MANIFEST_TYPES[0]
-    return SourceImage(tuple(layers), Descriptor(mt, desc.digest, desc.size))
+    return SourceImage(tuple(layers), subject_of(mt, desc.digest, desc.size))
+
+
+def subject_of(media_type: str, digest: str, size: int) -> Descriptor | None:
+    """The descriptor a converted image names as its `subject` (image manifests only)."""
+    return Descriptor(media_type, digest, size) if media_type in MANIFEST_TYPES else None
 
 
 # --- docker-archive ----------------------------------------------------------------------
