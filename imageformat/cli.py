@@ -17,7 +17,8 @@ import tempfile
 
 from warmstart.errors import ConfigError, WarmstartError
 
-from .sources import LayerLimits, parse_platform
+from .decompress import LayerLimits
+from .sources import parse_platform
 
 ENV_STORE = "WARMSTART_IMAGE_STORE"
 ENV_CACHE = "WARMSTART_IMAGE_CACHE"
@@ -130,7 +131,7 @@ def _bar(total: int, desc: str):
 
 
 def _registry(args: argparse.Namespace):
-    from .registry import RegistryOptions
+    from .registry_config import RegistryOptions
     return RegistryOptions.from_env(plain_http=getattr(args, "plain_http", False),
                                     auth_file=getattr(args, "auth_file", None))
 

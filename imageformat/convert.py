@@ -27,7 +27,8 @@ from .layers import Tree, apply_layer, tree_from_dir
 from .manifest import encode_chunk_index
 from .model import (MT_BLOB, MT_CHUNK_INDEX, MT_TOC, TOC, Chunk, Chunking, Descriptor, Entry,
                     Location, Manifest)
-from .sources import Budget, LayerLimits, Platform, SourceImage, open_layer, open_source
+from .decompress import Budget, LayerLimits, open_layer
+from .sources import Platform, SourceImage, open_source
 from .pull import plan_ranges
 from .store import ImageStore, blob_key, decode_chunk, gather_limited
 from .toc import check_tree, encode_checked_toc

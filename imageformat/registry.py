@@ -4,9 +4,8 @@
 blob, and (for a registry used as an image store) upload blobs and manifests, list tags and
 ask for referrers. Authentication follows the registry's challenge: anonymous first, then on
 a 401 a Bearer token from the realm it names (with the user's credentials when there are
-any) or Basic credentials. Credentials come from a docker/podman auth file
-(`REGISTRY_AUTH_FILE`, else `$DOCKER_CONFIG/config.json`, else `~/.docker/config.json`),
-read once in `RegistryOptions.from_env`. HTTP is stdlib `http.client` on a small pool of
+any) or Basic credentials (`registry_config.RegistryOptions`, read once from the
+environment). HTTP is stdlib `http.client` on a small pool of
 kept-alive connections; every error is one of warmstart's own (NotFound, AccessDenied,
 Retryable, ...). When the project's shared storage layer lands, `_send` is the one place to
 move onto its data path.
@@ -18,7 +17,6 @@ import base64
 import hashlib
 import http.client
 import json
-import os
 import re
 import socket
 import ssl
@@ -27,12 +25,13 @@ import time
 import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import BinaryIO
 
-from warmstart.errors import (AccessDenied, ConfigError, DigestMismatch, EndpointUnreachable,
+from warmstart.errors import (AccessDenied, DigestMismatch, EndpointUnreachable,
                               ImageFormatError, NotFound, Retryable, RetriesExhausted,
-                              SourceError, UnsupportedVersion)
+                              SourceError)
+
+from .registry_config import Credentials, RegistryOptions
 
 MANIFEST_ACCEPT = ", ".join((
     "application/vnd.oci.image.index.v1+json",
@@ -40,101 +39,6 @@ MANIFEST_ACCEPT = ", ".join((
     "application/vnd.docker.distribution.manifest.list.v2+json",
     "application/vnd.docker.distribution.manifest.v2+json"))
 MAX_MANIFEST = 4 << 20
-_REF = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)"
-                  r"[a-z0-9]+)*)*$")
-_TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
-
-
-@dataclass(frozen=True)
-class Credentials:
-    username: str | None = None
-    password: str | None = None
-    identity_token: str | None = None
-
-
-@dataclass(frozen=True)
-class RegistryOptions:
-    plain_http: bool = False  # http:// instead of https:// (local registries)
-    auths: dict = field(default_factory=dict)  # host -> Credentials
-    timeout: float = 60.0
-    attempts: int = 4
-    ca_file: str | None = None
-
-    @classmethod
-    def from_env(cls, env: dict | None = None, *, plain_http: bool = False,
-                 auth_file: str | None = None) -> "RegistryOptions":
-        env = os.environ if env is None else env
-        path = auth_file or env.get("REGISTRY_AUTH_FILE")
-        if path is None:
-            base = env.get("DOCKER_CONFIG") or os.path.expanduser("~/.docker")
-            path = os.path.join(base, "config.json")
-            if not os.path.isfile(path):
-                return cls(plain_http)
-        return cls(plain_http, load_auth_file(path))
-
-
-def load_auth_file(path: str) -> dict[str, Credentials]:
-    """Reads the `auths` of a docker config.json / containers auth.json: host -> credentials.
-    Credential helpers (`credsStore`, `credHelpers`) are not run."""
-    try:
-        with open(path, "rb") as f:
-            doc = json.loads(f.read(1 << 20))
-    except FileNotFoundError:
-        raise NotFound(f"{path}: no such registry auth file") from None
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{path}: not a readable auth file ({exc})") from None
-    auths = doc.get("auths") if isinstance(doc, dict) else None
-    out = {}
-    for key, entry in (auths or {}).items():
-        if not isinstance(entry, dict):
-            continue
-        host = urllib.parse.urlsplit(key).netloc if "://" in key else key.split("/")[0]
-        user = entry.get("username")
-        password = entry.get("password")
-        if isinstance(entry.get("auth"), str) and entry["auth"]:
-            try:
-                user, _, password = base64.b64decode(entry["auth"]).decode().partition(":")
-            except (ValueError, UnicodeDecodeError):
-                raise ConfigError(f"{path}: auth of {key!r} is not base64 user:password") \
-                    from None
-        out[host] = Credentials(user, password, entry.get("identitytoken") or None)
-    return out
-
-
-@dataclass(frozen=True)
-class Reference:
-    """`[docker://]HOST[:PORT]/REPO[:TAG][@sha256:HEX]`."""
-
-    host: str
-    repo: str
-    tag: str | None = None
-    digest: str | None = None
-
-    @classmethod
-    def parse(cls, text: str, need_host: bool = True) -> "Reference":
-        rest = text.removeprefix("docker://")
-        host, _, path = rest.partition("/")
-        if not host or not path or ("." not in host and ":" not in host
-                                    and host != "localhost"):
-            raise ConfigError(f"{text!r}: expected docker://HOST[:PORT]/REPO[:TAG|@DIGEST]")
-        path, _, digest = path.partition("@")
-        repo, tag = path, None
-        last = path.rsplit("/", 1)[-1]
-        if ":" in last:
-            repo, _, tag = path.rpartition(":")
-        if not _REF.match(repo) or (tag is not None and not _TAG.match(tag)):
-            raise ConfigError(f"{text!r}: repository or tag is not valid")
-        if digest and not re.fullmatch(r"sha256:[0-9a-f]{64}", digest):
-            raise ConfigError(f"{text!r}: digest must be sha256:<64 hex>")
-        return cls(host, repo, tag, digest or None)
-
-    @property
-    def ref(self) -> str:
-        return self.digest or self.tag or "latest"
-
-    def __str__(self) -> str:
-        return (f"docker://{self.host}/{self.repo}" + (f":{self.tag}" if self.tag else "")
-                + (f"@{self.digest}" if self.digest else ""))
 
 
 def _challenge(header: str) -> tuple[str, dict[str, str]]:
@@ -451,28 +355,3 @@ class _OneShot:
 
     def close(self) -> None:
         self.conn.close()
-
-
-def registry_image(text: str, options: RegistryOptions, platform):
-    """`docker://HOST/REPO[:TAG|@DIGEST]` -> a SourceImage whose layers stream from the
-    registry (index resolved to `platform`)."""
-    from .sources import (Layer, SourceImage, is_index, layer_descriptors, pick_platform,
-                          subject_of, verified_json)
-    ref = Reference.parse(text)
-    client = RegistryClient(ref.host, options)
-    what = str(ref)
-    data, media_type, digest = client.get_manifest(ref.repo, ref.ref)
-    doc = verified_json(data, digest, f"{what} manifest")
-    if is_index(doc):
-        desc = pick_platform(doc, platform, what)
-        data, media_type, digest = client.get_manifest(ref.repo, desc.digest)
-        doc = verified_json(data, digest, f"{what} manifest")
-    if doc.get("schemaVersion") != 2 or is_index(doc):
-        raise UnsupportedVersion(f"{what}: not an OCI or docker schema 2 image manifest")
-    layers = []
-    for i, d in enumerate(layer_descriptors(doc, what)):
-        layers.append(Layer(f"{what} layer {i}",
-                            lambda d=d: client.open_blob(ref.repo, d.digest), d.digest,
-                            size=d.size))
-    mt = doc.get("mediaType") or media_type
-    return SourceImage(tuple(layers), subject_of(mt, digest, len(data)))

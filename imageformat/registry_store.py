@@ -20,7 +20,8 @@ from warmstart.errors import ConfigError, ImageFormatError, NotFound
 
 from .model import ARTIFACT_TYPE, MAX_MANIFEST_BYTES, MT_INDEX_OCI, MT_MANIFEST, Manifest
 from .manifest import check_digest_string, encode_manifest, sha256_digest, verify_digest
-from .registry import Reference, RegistryClient, RegistryOptions
+from .registry import RegistryClient
+from .registry_config import Reference, RegistryOptions
 from .sources import Platform, is_index, parse_platform, pick_platform, verified_json
 from .store import ImageStore
 

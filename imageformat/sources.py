@@ -1,32 +1,25 @@
-"""Find an image's layers (OCI image layout, docker-archive tar, registry) and stream them.
+"""Find an image's layers: in an OCI image layout, a docker-archive tar or a registry.
 
-`open_source` yields a `SourceImage`: its layers, each a way to open the compressed bytes plus
-the digests they must have, and the manifest it came from. `open_layer` decompresses one layer
-(gzip, zstd or plain, by magic) as a stream: nothing is written to disk, the compressed and the
-uncompressed bytes are hashed as they pass, and the uncompressed bytes are counted against
-`LayerLimits`. When anything fails inside a layer the rest of its compressed bytes are hashed
-too, so bytes that are not what the manifest promised are always reported as DigestMismatch.
+`open_source` yields a `SourceImage`: its layers (`decompress.Layer`: how to open the
+compressed bytes, and the digests they must have) and the image manifest they came from, or
+a plain rootfs folder. Manifests and indexes are parsed here, with caps, for layouts and
+registries alike; a multi-platform index is resolved to one `Platform`.
 """
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import io
 import os
 import platform as _platform
 import tarfile
-import zlib
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import BinaryIO
 
-import zstandard
+from warmstart.errors import (ConfigError, DigestMismatch, ImageFormatError, NotFound,
+                              UnsupportedVersion)
 
-from warmstart.errors import (ConfigError, DigestMismatch, ImageFormatError, IntegrityError,
-                              LayerTooLarge, NotFound, SourceError)
-
+from .decompress import Layer
 from .model import ANNOTATION_REF, Descriptor
 from .toc import load_json
 
@@ -38,19 +31,6 @@ MANIFEST_TYPES = ("application/vnd.oci.image.manifest.v1+json",
 _FOREIGN = ("nondistributable", "foreign")
 _ARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64",
          "armv7l": "arm", "ppc64le": "ppc64le", "s390x": "s390x", "riscv64": "riscv64"}
-
-
-@dataclass(frozen=True)
-class LayerLimits:
-    """Bounds on decompression, so a small hostile layer cannot cost unbounded time."""
-
-    max_bytes: int = 64 << 30  # uncompressed bytes of all layers of one image together
-    max_ratio: float = 100.0  # uncompressed / compressed bytes within one layer ...
-    ratio_floor: int = 256 << 20  # ... judged once that layer has given this many bytes
-
-    def __post_init__(self) -> None:
-        if self.max_bytes <= 0 or self.max_ratio <= 0 or self.ratio_floor < 0:
-            raise ConfigError(f"layer limits must be positive: {self}")
 
 
 @dataclass(frozen=True)
@@ -72,15 +52,6 @@ def parse_platform(text: str | None) -> Platform:
     if len(parts) not in (2, 3) or not all(parts):
         raise ConfigError(f"platform {text!r}: expected OS/ARCH[/VARIANT], e.g. linux/amd64")
     return Platform(*parts)  # type: ignore[arg-type]
-
-
-@dataclass(frozen=True)
-class Layer:
-    what: str  # names the layer in every error
-    open: Callable[[], AbstractContextManager[BinaryIO]]  # the compressed bytes
-    digest: str | None = None  # of the compressed bytes
-    diff_id: str | None = None  # of the uncompressed tar
-    size: int | None = None  # of the compressed bytes
 
 
 @dataclass(frozen=True)
@@ -131,8 +102,8 @@ def open_source(source: str, kind: str | None = None, platform: Platform | None 
         except tarfile.TarError as exc:
             raise ImageFormatError(f"{path}: not a readable docker-archive ({exc})") from None
     elif kind == "registry":
-        from .registry import RegistryOptions, registry_image
-        yield registry_image(path, registry or RegistryOptions(), platform)
+        from .registry_config import RegistryOptions
+        yield _registry_image(path, registry or RegistryOptions(), platform)
     else:
         raise ConfigError(f"unknown source kind {kind!r}")
 
@@ -313,123 +284,28 @@ def _docker_archive_image(tf: tarfile.TarFile, archive: str, ref: str | None) ->
     return SourceImage(tuple(layers))
 
 
-# --- one layer as a stream ---------------------------------------------------------------
+# --- registry ------------------------------------------------------------------------
 
-class _Compressed:
-    """The compressed side: hashed and counted, never longer than its descriptor says."""
-
-    def __init__(self, f: BinaryIO, layer: Layer) -> None:
-        self.f, self.layer, self.n, self.h = f, layer, 0, hashlib.sha256()
-        self.head = b""
-
-    def read(self, n: int = -1) -> bytes:
-        if self.head:
-            cut = len(self.head) if n is None or n < 0 else n
-            data, self.head = self.head[:cut], self.head[cut:]
-            return data
-        data = self.f.read(n if n is not None and n >= 0 else 1 << 20)
-        self.n += len(data)
-        self.h.update(data)
-        size = self.layer.size
-        if size is not None and self.n > size:
-            raise DigestMismatch(f"{self.layer.what}: more than the {size} bytes its "
-                                 "descriptor promises")
-        return data
-
-    def sniff(self) -> bytes:
-        head = b""
-        while len(head) < 4 and (more := self.read(4 - len(head))):
-            head += more
-        self.head = head
-        return head
-
-    def drain(self) -> None:
-        while self.read(1 << 20):
-            pass
-
-    def check(self) -> None:
-        got = "sha256:" + self.h.hexdigest()
-        if self.layer.digest is not None and got != self.layer.digest:
-            raise DigestMismatch(f"{self.layer.what}: compressed bytes hash to {got}, "
-                                 f"expected {self.layer.digest}")
-        if self.layer.size is not None and self.n != self.layer.size:
-            raise DigestMismatch(f"{self.layer.what}: {self.n} bytes, its descriptor says "
-                                 f"{self.layer.size}")
-
-
-class Budget:
-    """Uncompressed bytes left for the rest of one image."""
-
-    def __init__(self, limits: LayerLimits) -> None:
-        self.limits, self.used = limits, 0
-
-
-class LayerStream(io.RawIOBase):
-    """The uncompressed tar of one layer, read front to back, hashed and bounded."""
-
-    def __init__(self, comp: _Compressed, budget: Budget) -> None:
-        self.comp, self.budget = comp, budget
-        self.n, self.h = 0, hashlib.sha256()
-        head = comp.sniff()
-        if head[:2] == b"\x1f\x8b":
-            self.inner = gzip.GzipFile(fileobj=comp, mode="rb")  # type: ignore[arg-type]
-        elif head == b"\x28\xb5\x2f\xfd":
-            self.inner = zstandard.ZstdDecompressor().stream_reader(
-                comp, read_size=1 << 20, read_across_frames=True, closefd=False)
-        else:
-            self.inner = comp  # type: ignore[assignment]
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buf) -> int:
-        data = self.inner.read(len(buf))
-        self._count(data)
-        buf[:len(data)] = data
-        return len(data)
-
-    def _count(self, data: bytes) -> None:
-        self.n += len(data)
-        self.budget.used += len(data)
-        self.h.update(data)
-        lim = self.budget.limits
-        if self.budget.used > lim.max_bytes:
-            raise LayerTooLarge(f"{self.comp.layer.what}: the image's layers decompress to "
-                                f"more than {lim.max_bytes} bytes (raise --max-image-bytes "
-                                "if that is expected)")
-        if self.n > lim.ratio_floor and self.n > lim.max_ratio * max(self.comp.n, 1):
-            raise LayerTooLarge(f"{self.comp.layer.what}: decompresses more than "
-                                f"{lim.max_ratio:g}x ({self.n} bytes from {self.comp.n}); "
-                                "refusing it as a decompression bomb (--max-layer-ratio)")
-
-    def finish(self) -> None:
-        """Reads to the end (trailing padding counts for the diff_id) and checks digests."""
-        while self.read(1 << 20):
-            pass
-        self.comp.drain()
-        self.comp.check()
-        got = "sha256:" + self.h.hexdigest()
-        if self.comp.layer.diff_id is not None and got != self.comp.layer.diff_id:
-            raise DigestMismatch(f"{self.comp.layer.what}: uncompressed tar hashes to {got}, "
-                                 f"expected {self.comp.layer.diff_id}")
-
-
-@contextmanager
-def open_layer(layer: Layer, budget: Budget) -> Iterator[BinaryIO]:
-    """Yields the layer's uncompressed tar as a stream; on leaving, the stream is read to its
-    end and checked against the layer's digests. A failure while it is read is re-checked
-    against the compressed digest first: tampered bytes are DigestMismatch, not a parse error."""
-    with layer.open() as raw:
-        comp = _Compressed(raw, layer)
-        try:
-            stream = LayerStream(comp, budget)
-            yield io.BufferedReader(stream, 1 << 20)  # type: ignore[misc]
-            stream.finish()
-        except (LayerTooLarge, IntegrityError, SourceError):
-            raise
-        except (ImageFormatError, OSError, EOFError, zlib.error, zstandard.ZstdError) as exc:
-            comp.drain()
-            comp.check()
-            if isinstance(exc, ImageFormatError):
-                raise
-            raise ImageFormatError(f"{layer.what}: does not decompress ({exc})") from None
+def _registry_image(text: str, options, platform: Platform) -> SourceImage:
+    """`docker://HOST/REPO[:TAG|@DIGEST]` -> a SourceImage whose layers stream from the
+    registry (index resolved to `platform`); `options` is a `RegistryOptions`."""
+    from .registry import RegistryClient
+    from .registry_config import Reference
+    ref = Reference.parse(text)
+    client = RegistryClient(ref.host, options)
+    what = str(ref)
+    data, media_type, digest = client.get_manifest(ref.repo, ref.ref)
+    doc = verified_json(data, digest, f"{what} manifest")
+    if is_index(doc):
+        desc = pick_platform(doc, platform, what)
+        data, media_type, digest = client.get_manifest(ref.repo, desc.digest)
+        doc = verified_json(data, digest, f"{what} manifest")
+    if doc.get("schemaVersion") != 2 or is_index(doc):
+        raise UnsupportedVersion(f"{what}: not an OCI or docker schema 2 image manifest")
+    layers = []
+    for i, d in enumerate(layer_descriptors(doc, what)):
+        layers.append(Layer(f"{what} layer {i}",
+                            lambda d=d: client.open_blob(ref.repo, d.digest), d.digest,
+                            size=d.size))
+    mt = doc.get("mediaType") or media_type
+    return SourceImage(tuple(layers), subject_of(mt, digest, len(data)))

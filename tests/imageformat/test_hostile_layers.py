@@ -18,7 +18,7 @@ from warmstart.errors import LayerTooLarge, UnsafeEntry
 from warmstart.imageformat.convert import convert
 from warmstart.imageformat.layers import Tree, apply_layer
 from warmstart.imageformat.pull import PullPolicy, PullReport, pull
-from warmstart.imageformat.sources import LayerLimits
+from warmstart.imageformat.decompress import LayerLimits
 from warmstart.imageformat.store import ImageStore
 
 

@@ -13,7 +13,8 @@ from warmstart.cli import main
 from warmstart.errors import DigestMismatch, NotFound
 from warmstart.imageformat.convert import convert
 from warmstart.imageformat.pull import pull
-from warmstart.imageformat.registry import RegistryClient, RegistryOptions
+from warmstart.imageformat.registry import RegistryClient
+from warmstart.imageformat.registry_config import RegistryOptions
 from warmstart.imageformat.sources import parse_platform
 from warmstart.imageformat.store import ImageStore
 

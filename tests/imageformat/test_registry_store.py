@@ -16,7 +16,8 @@ from warmstart.errors import ConfigError, NotFound
 from warmstart.imageformat.convert import convert, push
 from warmstart.imageformat.model import ARTIFACT_TYPE
 from warmstart.imageformat.pull import pull
-from warmstart.imageformat.registry import RegistryClient, RegistryOptions
+from warmstart.imageformat.registry import RegistryClient
+from warmstart.imageformat.registry_config import RegistryOptions
 from warmstart.imageformat.registry_store import RegistryStore, referrers_tag
 from warmstart.imageformat.sources import parse_platform
 from warmstart.imageformat.store import ImageStore

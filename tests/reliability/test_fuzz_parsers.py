@@ -300,7 +300,8 @@ def check_oci_layout(index_doc, manifest_doc, ref) -> None:
     from pathlib import Path
 
     from warmstart.errors import WarmstartError
-    from warmstart.imageformat.sources import Budget, LayerLimits, open_layer, open_source
+    from warmstart.imageformat.decompress import Budget, LayerLimits, open_layer
+    from warmstart.imageformat.sources import open_source
 
     with tempfile.TemporaryDirectory() as tmp:
         layout = Path(tmp) / "layout"
@@ -344,7 +345,8 @@ def test_docker_archive_manifest_mutations(manifest_doc, config_doc, ref):
     import tempfile
 
     from warmstart.errors import WarmstartError
-    from warmstart.imageformat.sources import Budget, LayerLimits, open_layer, open_source
+    from warmstart.imageformat.decompress import Budget, LayerLimits, open_layer
+    from warmstart.imageformat.sources import open_source
 
     diff_id = "sha256:" + hashlib.sha256(LAYER).hexdigest()
     members = {"manifest.json": json.dumps(manifest_doc).encode(),
