@@ -61,6 +61,10 @@ class _Response:
         except (OSError, http.client.HTTPException) as exc:
             self.close()
             raise Retryable(f"{self.client.host}: body cut short ({exc})") from None
+        if not data and n != 0 and self.resp.length:  # closed before its Content-Length
+            missing = self.resp.length
+            self.close()
+            raise Retryable(f"{self.client.host}: body cut short, {missing} bytes missing")
         return data
 
     def close(self) -> None:
@@ -256,25 +260,36 @@ class RegistryClient:
 
     @contextmanager
     def open_blob(self, repo: str, digest: str) -> Iterator[BinaryIO]:
-        """The blob's bytes as a stream (the caller verifies them against `digest`)."""
-        resp = self.request("GET", f"/v2/{repo}/blobs/{digest}", repo=repo,
-                            what=f"blob {digest}")
+        """The blob's bytes as a stream (the caller verifies them against `digest`); a body
+        cut short is picked up again from the next byte with a ranged GET."""
+        stream = _BlobStream(self, repo, digest)
         try:
-            yield resp  # type: ignore[misc]
+            yield stream  # type: ignore[misc]
         finally:
-            resp.close()
+            stream.close()
 
     def read_blob(self, repo: str, digest: str, offset: int, length: int) -> bytes:
-        """`length` bytes of the blob from `offset`, with one ranged GET."""
-        resp = self.request("GET", f"/v2/{repo}/blobs/{digest}", repo=repo, ok=(206,),
-                            headers={"Range": f"bytes={offset}-{offset + length - 1}"},
-                            what=f"blob {digest} [{offset}, +{length})")
-        data = resp.read(length + 1)
-        resp.close()
-        if len(data) != length:
-            raise Retryable(f"{self.host}/{repo}: blob {digest} at {offset}: {len(data)} of "
-                            f"{length} bytes")
-        return data
+        """`length` bytes of the blob from `offset`, with one ranged GET (again, with
+        backoff, when its body is cut short)."""
+        delay = 0.2
+        for attempt in range(self.options.attempts):
+            resp = self.request("GET", f"/v2/{repo}/blobs/{digest}", repo=repo, ok=(206,),
+                                headers={"Range": f"bytes={offset}-{offset + length - 1}"},
+                                what=f"blob {digest} [{offset}, +{length})")
+            try:
+                data = resp.read(length + 1)
+                if len(data) != length:
+                    raise Retryable(f"{self.host}/{repo}: blob {digest} at {offset}: "
+                                    f"{len(data)} of {length} bytes")
+                return data
+            except Retryable as exc:
+                if attempt == self.options.attempts - 1:
+                    raise RetriesExhausted(f"{exc} (after {attempt + 1} attempts)") from None
+                time.sleep(delay)
+                delay *= 2
+            finally:
+                resp.close()
+        raise AssertionError("unreachable")
 
     def blob_exists(self, repo: str, digest: str) -> bool:
         try:
@@ -345,6 +360,42 @@ class RegistryClient:
         except (ValueError, AttributeError):
             raise ImageFormatError(f"{self.host}/{repo}: tag list is not JSON") from None
         return sorted(t for t in tags if isinstance(t, str))
+
+
+class _BlobStream:
+    def __init__(self, client: RegistryClient, repo: str, digest: str) -> None:
+        self.client, self.repo, self.digest = client, repo, digest
+        self.path, self.pos = f"/v2/{repo}/blobs/{digest}", 0
+        self.resumes = client.options.attempts - 1
+        self.resp = client.request("GET", self.path, repo=repo, what=f"blob {digest}")
+
+    def read(self, n: int = -1) -> bytes:
+        while True:
+            try:
+                data = self.resp.read(n)
+            except Retryable as exc:
+                if self.resumes <= 0:
+                    raise RetriesExhausted(f"{exc} (blob {self.digest}, resumed "
+                                           f"{self.client.options.attempts - 1} times)") \
+                        from None
+                self.resumes -= 1
+                self._resume()
+                continue
+            self.pos += len(data)
+            return data
+
+    def _resume(self) -> None:
+        self.resp = self.client.request("GET", self.path, repo=self.repo, ok=(206,),
+                                        headers={"Range": f"bytes={self.pos}-"},
+                                        what=f"blob {self.digest} from {self.pos}")
+        got = self.resp.headers.get("Content-Range", "")
+        if not got.startswith(f"bytes {self.pos}-"):
+            self.resp.close()
+            raise SourceError(f"{self.client.host}/{self.repo}: blob {self.digest} resumed "
+                              f"at {self.pos} answered Content-Range {got[:80]!r}")
+
+    def close(self) -> None:
+        self.resp.close()
 
 
 class _OneShot:

@@ -137,3 +137,24 @@ def test_bearer_token_auth_with_credentials_from_the_auth_file(auth_registry, tm
         opts = RegistryOptions.from_env({"DOCKER_CONFIG": str(docker)}, plain_http=True)
         r = convert(source, s, "v1", registry=opts)
         assert r.new_chunks > 0 and tokens.issued > before
+
+
+@pytest.mark.parametrize("fault", ["reset_mid_body", "truncate"])
+def test_a_layer_stream_cut_short_resumes_from_the_next_byte(registry_images, tmp_path, fault):
+    from warmstart.testing import faultproxy as fp
+    host = registry_images
+    with ImageStore.open(str(tmp_path / "direct")) as s:
+        want = convert(f"docker://{host}/x:v2", s, "v2", registry=PLAIN).toc_digest
+    with fp.FaultProxy(f"http://{host}") as proxy:
+        rule = proxy.add_rule(getattr(fp, fault)(200_000), method="GET", key="/blobs/",
+                              ranged=False, max_count=2)
+        via = proxy.endpoint.removeprefix("http://")
+        with ImageStore.open(str(tmp_path / "s")) as s:
+            got = convert(f"docker://{via}/x:v2", s, "v2", registry=PLAIN)
+        assert rule.faulted >= 1 and got.toc_digest == want
+        proxy.clear_rules()
+        proxy.add_rule(getattr(fp, fault)(200_000), method="GET", key="/blobs/")
+        from warmstart.errors import RetriesExhausted
+        with ImageStore.open(str(tmp_path / "t")) as s, \
+                pytest.raises(RetriesExhausted, match="resumed 3 times"):
+            convert(f"docker://{via}/x:v2", s, "v2", registry=PLAIN)

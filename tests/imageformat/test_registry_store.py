@@ -148,3 +148,18 @@ def test_lazy_mount_and_record_from_the_registry(registry_images, capsys, tmp_pa
     with RegistryStore.open_registry(uri, PLAIN) as s:
         profiled = s.open_image("v2")  # the source's tag now finds the twin with a profile
         assert profiled.profile is not None and profiled.digest == out["digest"] != r.digest
+
+
+def test_pull_retries_cut_ranged_reads(registry_images, umoci_unpacked, tmp_path):
+    from warmstart.testing import faultproxy as fp
+    host = registry_images
+    with store(host, "faulty") as s:
+        convert(f"docker://{host}/x:v1", s, "v1", registry=PLAIN, blob_size=BLOB)
+    with fp.FaultProxy(f"http://{host}") as proxy:
+        rule = proxy.add_rule(fp.reset_mid_body(1000), method="GET", key="/blobs/",
+                              ranged=True, max_count=3)
+        via = proxy.endpoint.removeprefix("http://")
+        with store(via, "faulty") as s:
+            pull(s, "v1", str(tmp_path / "out"), policy=exact_policy())
+        assert rule.faulted == 3
+    assert snapshot(str(tmp_path / "out")) == snapshot(umoci_unpacked["v1"])
