@@ -12,6 +12,8 @@ Layers, from the bytes up:
   convert, pull    pack chunks into zstd blobs with dedup; push between stores; full pull
   cache, fusefs    shared verified chunk cache (single flight, LRU bound); read-only FUSE ops
   mount, cli       the lazy mount with profile prefetch/record; `warmstart image ...`
+  snapshotter      containerd remote snapshotter (snapshots: metadata and mount plans;
+                   lazy: which layers a twin shows; containerd_api: the compiled protos)
 """
 
 from .convert import convert, push

@@ -1,4 +1,4 @@
-"""`warmstart image convert | push | pull | mount | record | inspect | gc`.
+"""`warmstart image convert | push | pull | mount | record | inspect | gc | snapshotter`.
 
 STORE is a folder or `s3://bucket/prefix` (S3 settings come from the usual AWS_*
 variables, read once here). REF is a tag, `tag@sha256:...` or a manifest digest. Defaults for
@@ -117,6 +117,18 @@ def build(p: argparse.ArgumentParser) -> None:
     i.add_argument("--json", action="store_true")
     i.add_argument("--entries", action="store_true", help="list every entry too")
 
+    n = sub.add_parser("snapshotter", help="serve containerd's snapshots API (proxy plugin): "
+                       "images with a warmstart twin in their registry start lazily")
+    n.add_argument("--socket", required=True, help="unix socket containerd connects to")
+    n.add_argument("--root", required=True, help="snapshots, metadata and the chunk cache")
+    n.add_argument("--platform", help="OS/ARCH[/VARIANT] of twins to look for (default: "
+                   "this machine's)")
+    n.add_argument("--no-lazy", action="store_true", help="plain overlay snapshots only")
+    n.add_argument("--plain-http", action="store_true",
+                   help="talk http:// to registries (local registries)")
+    n.add_argument("--auth-file", help="registry credentials (default: $REGISTRY_AUTH_FILE, "
+                   "else ~/.docker/config.json)")
+
     g = sub.add_parser("gc", help="delete blobs no tagged image references")
     with_store(g)
     g.add_argument("--dry-run", action="store_true")
@@ -198,6 +210,13 @@ def run(args: argparse.Namespace) -> int:
         return _record(args)
     elif args.cmd == "inspect":
         return _inspect(args)
+    elif args.cmd == "snapshotter":
+        from .lazy import LazyLayers
+        from .snapshotter import serve as serve_snapshots
+        lazy = None if args.no_lazy else LazyLayers(
+            os.path.abspath(args.root), _registry(args), parse_platform(args.platform),
+            tuple(_registry_args(args)))
+        serve_snapshots(args.socket, args.root, lazy)
     elif args.cmd == "gc":
         with _open(args.store, args) as store:
             doomed = store.gc(dry_run=args.dry_run)

@@ -1,0 +1,182 @@
+"""The containerd remote snapshotter end to end: real containerd 1.6 + runc, the warmstart
+snapshotter as a proxy plugin, images in docker-registry, `ctr-remote image rpull` passing
+layer labels, `ctr run` starting the container from the lazy mount."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from imageformat_helpers import snapshot
+
+from warmstart.imageformat.convert import convert
+from warmstart.imageformat.registry_config import RegistryOptions
+from warmstart.imageformat.registry_store import RegistryStore
+
+PLAIN = RegistryOptions(plain_http=True)
+NEEDS = ("containerd", "ctr", "ctr-remote", "runc", "fusermount3")
+
+
+def _problem() -> str | None:
+    if os.geteuid() != 0:
+        return "containerd and overlay mounts need root"
+    missing = [b for b in NEEDS if shutil.which(b) is None]
+    if missing:
+        return f"not installed: {', '.join(missing)} (Debian: containerd, runc, " \
+               "stargz-snapshotter, fuse3)"
+    if not os.path.exists("/dev/fuse"):
+        return "/dev/fuse does not exist"
+    if not os.path.isdir("/usr/share/gocode/src/github.com/containerd/containerd/api"):
+        return "containerd's protos are missing (golang-github-containerd-containerd-dev)"
+    return None
+
+
+pytestmark = pytest.mark.skipif(_problem() is not None, reason=str(_problem()))
+
+
+def _wait_for(what: str, ready, proc: subprocess.Popen, log, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            log.seek(0)
+            pytest.fail(f"{what} did not start: {log.read().decode(errors='replace')[-3000:]}")
+        time.sleep(0.05)
+
+
+class Node:
+    """containerd with the warmstart snapshotter, each with its own root, state and socket."""
+
+    def __init__(self, base) -> None:
+        self.base = base
+        self.sock = str(base / "containerd.sock")
+        self.snap_sock = str(base / "snap.sock")
+        self.snap_root = str(base / "snaproot")
+        (base / "config.toml").write_text(f"""version = 2
+root = "{base}/root"
+state = "{base}/state"
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+[grpc]
+  address = "{self.sock}"
+[ttrpc]
+  address = "{self.sock}.ttrpc"
+[debug]
+  address = "{base}/debug.sock"
+[proxy_plugins]
+  [proxy_plugins.warmstart]
+    type = "snapshot"
+    address = "{self.snap_sock}"
+""")
+        self.snapper = None
+        self.start_snapshotter()
+        self.log = open(base / "containerd.log", "w+b")
+        self.containerd = subprocess.Popen(["containerd", "--config", str(base / "config.toml")],
+                                           stdout=self.log, stderr=self.log)
+        _wait_for("containerd", lambda: subprocess.run(
+            ["ctr", "--address", self.sock, "version"], capture_output=True).returncode == 0,
+            self.containerd, self.log)
+
+    def start_snapshotter(self) -> None:
+        self.snap_log = open(self.base / "snapshotter.log", "a+b")
+        if os.path.exists(self.snap_sock):
+            os.unlink(self.snap_sock)
+        env = dict(os.environ, WARMSTART_LOG="INFO")
+        self.snapper = subprocess.Popen(
+            [sys.executable, "-m", "warmstart.imageformat.cli", "snapshotter", "--socket",
+             self.snap_sock, "--root", self.snap_root, "--plain-http"],
+            stdout=self.snap_log, stderr=self.snap_log, env=env)
+        _wait_for("the snapshotter", lambda: os.path.exists(self.snap_sock), self.snapper,
+                  self.snap_log)
+
+    def stop_snapshotter(self) -> None:
+        self.snapper.send_signal(signal.SIGTERM)
+        assert self.snapper.wait(timeout=60) == 0
+
+    def ctr(self, *args: str, remote: bool = False, timeout: float = 120) -> str:
+        cmd = ["ctr-remote" if remote else "ctr", "--address", self.sock, *args]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=self.base)
+        assert out.returncode == 0, f"{cmd}: {out.stderr[-2000:]}"
+        return out.stdout
+
+    def stop(self) -> None:
+        self.containerd.terminate()
+        self.containerd.wait(timeout=60)
+        self.stop_snapshotter()
+        subprocess.run(["umount", "-R", str(self.base / "state")], capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory):
+    n = Node(tmp_path_factory.mktemp("containerd"))
+    yield n
+    n.stop()
+
+
+def _lazy_mounts(node: Node) -> list[str]:
+    with open("/proc/self/mountinfo") as f:
+        return [line.split()[4] for line in f
+                if " - fuse.warmstart " in line and node.snap_root in line]
+
+
+def test_ctr_runs_a_registry_image_lazily_and_the_layer_is_never_fetched(
+        node, registry_images, umoci_unpacked):
+    host = registry_images
+    with RegistryStore.open_registry(f"docker://{host}/x", PLAIN) as s:
+        convert(f"docker://{host}/x:v1", s, "v1", registry=PLAIN)
+    ref = f"{host}/x:v1"
+    node.ctr("image", "rpull", "--plain-http", "--snapshotter", "warmstart", ref, remote=True)
+    content = {line.split()[0] for line in node.ctr("content", "ls").splitlines()[1:]}
+    manifest = RegistryStore.open_registry(f"docker://{host}/x", PLAIN).client.get_manifest(
+        "x", "v1")[0]
+    import json
+    layers = [d["digest"] for d in json.loads(manifest)["layers"]]
+    assert content and not content & set(layers)  # containerd fetched no layer
+    mounts = _lazy_mounts(node)
+    assert len(mounts) == 1
+    assert snapshot(mounts[0]) == snapshot(umoci_unpacked["v1"])  # the tree runc will see
+    out = node.ctr("run", "--rm", "--snapshotter", "warmstart", ref, "lazy1",
+                   "/usr/bin/python3", "-c", "import json; print(json.dumps({'ok': 1}))")
+    assert out.strip() == '{"ok": 1}'
+
+
+def test_an_image_without_a_twin_is_fetched_onto_the_lazy_chain_it_shares(node, registry, oci_layout):
+    host, _ = registry
+    subprocess.run(["skopeo", "--insecure-policy", "copy", "--dest-tls-verify=false",
+                    f"oci:{oci_layout}:v2", f"docker://{host}/notwin:v2"], check=True,
+                   capture_output=True, timeout=120)
+    ref = f"{host}/notwin:v2"
+    node.ctr("image", "rpull", "--plain-http", "--snapshotter", "warmstart", ref, remote=True)
+    out = node.ctr("run", "--rm", "--snapshotter", "warmstart", ref, "plain1",
+                   "/usr/bin/python3", "-c", "print(open('/etc/os-release').read())")
+    assert 'VERSION="2"' in out
+    import json
+
+    from warmstart.imageformat.registry import RegistryClient
+    manifest = json.loads(RegistryClient(host, PLAIN).get_manifest("notwin", "v2")[0])
+    content = {line.split()[0] for line in node.ctr("content", "ls").splitlines()[1:]}
+    lower, upper = (d["digest"] for d in manifest["layers"])
+    # v2 = v1's layer + one more: the upper one is fetched and applied as usual; the lower
+    # one is x:v1's layer, whose chain the lazy mount of x:v1's twin already shows whole
+    assert upper in content and lower not in content
+    assert len(_lazy_mounts(node)) == 1
+
+
+def test_snapshots_and_lazy_mounts_survive_a_restart(node, registry_images):
+    ref = f"{registry_images}/x:v1"
+    before = node.ctr("snapshots", "--snapshotter", "warmstart", "ls")
+    node.stop_snapshotter()
+    assert _lazy_mounts(node) == []  # unmounted on the way down
+    node.start_snapshotter()
+    deadline = time.monotonic() + 60
+    while not _lazy_mounts(node) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(_lazy_mounts(node)) == 1
+    assert node.ctr("snapshots", "--snapshotter", "warmstart", "ls") == before
+    out = node.ctr("run", "--rm", "--snapshotter", "warmstart", ref, "lazy2",
+                   "/usr/bin/python3", "-c", "print('again')")
+    assert out.strip() == "again"
