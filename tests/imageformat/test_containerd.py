@@ -180,3 +180,40 @@ def test_snapshots_and_lazy_mounts_survive_a_restart(node, registry_images):
     out = node.ctr("run", "--rm", "--snapshotter", "warmstart", ref, "lazy2",
                    "/usr/bin/python3", "-c", "print('again')")
     assert out.strip() == "again"
+
+
+def test_a_recorded_profile_is_prefetched_when_containerd_pulls(registry_images, tmp_path,
+                                                                capsys):
+    """x:v2 (two layers) on a node of its own: its twin carries a start-up profile, and the
+    snapshotter's lazy mount fetches those chunks before any container reads a byte."""
+    import json
+
+    from warmstart.cli import main
+    host = registry_images
+    uri = f"docker://{host}/x"
+    with RegistryStore.open_registry(uri, PLAIN) as s:
+        convert(f"docker://{host}/x:v2", s, "v2", registry=PLAIN)
+    rc = main(["image", "record", "v2", "--store", uri, "--plain-http", "--no-chroot", "--",
+               "sha256sum", "{mount}/etc/os-release", "{mount}/data/new.bin"])
+    recorded = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rc == 0 and recorded["chunks"] >= 2
+    with RegistryStore.open_registry(uri, PLAIN) as s:
+        profile = s.open_image("v2").profile
+    assert profile is not None and len(profile.chunks) == recorded["chunks"]
+    (tmp_path / "node").mkdir()
+    node = Node(tmp_path / "node")
+    try:
+        node.ctr("image", "rpull", "--plain-http", "--snapshotter", "warmstart",
+                 f"{host}/x:v2", remote=True)
+        assert len(_lazy_mounts(node)) == 1
+        cache = os.path.join(node.snap_root, "cache")
+        want = {os.path.join(cache, d[:2], d) for d in profile.chunks}
+        deadline = time.monotonic() + 60
+        while not all(os.path.isfile(p) for p in want) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert all(os.path.isfile(p) for p in want)
+        out = node.ctr("run", "--rm", "--snapshotter", "warmstart", f"{host}/x:v2", "prof1",
+                       "/usr/bin/python3", "-c", "print(open('/etc/os-release').read())")
+        assert 'VERSION="2"' in out
+    finally:
+        node.stop()
