@@ -109,6 +109,9 @@ def build(p: argparse.ArgumentParser) -> None:
     r.add_argument("--tag", help="tag to move to the image with profile (default: REF's tag)")
     r.add_argument("--no-chroot", action="store_true",
                    help="run CMD on the host; {mount} in CMD is replaced by the mount path")
+    r.add_argument("--containerd", metavar="SOCKET",
+                   help="start CMD as a container through this containerd (root only): "
+                   "runc runs it on an overlay over the recording mount")
     r.add_argument("--timeout", type=float, default=600)
 
     i = sub.add_parser("inspect", help="show an image's manifest, sizes and profile")
@@ -236,9 +239,12 @@ def _record(args: argparse.Namespace) -> int:
         proc = spawn_mount(args.store, args.ref, mnt, os.path.join(tmp, "cache"),
                            "--no-prefetch", "--record", prof, *_registry_args(args))
         try:
-            full = ([c.replace("{mount}", mnt) for c in cmd] if args.no_chroot
-                    else ["chroot", mnt, *cmd])
-            rc = subprocess.run(full, timeout=args.timeout).returncode
+            if args.containerd:
+                rc = _run_in_containerd(args.containerd, mnt, tmp, cmd, args.timeout)
+            else:
+                full = ([c.replace("{mount}", mnt) for c in cmd] if args.no_chroot
+                        else ["chroot", mnt, *cmd])
+                rc = subprocess.run(full, timeout=args.timeout).returncode
         finally:
             unmount(mnt, proc)
         if rc != 0:
@@ -252,6 +258,25 @@ def _record(args: argparse.Namespace) -> int:
             digest = store.add_profile(args.ref, profile, tag)
     print(json.dumps({"digest": digest, "tag": tag, "chunks": len(profile.chunks)}))
     return 0
+
+
+def _run_in_containerd(address: str, mnt: str, tmp: str, cmd: list[str],
+                       timeout: float) -> int:
+    """`ctr run --rootfs` on an overlay (a writable upper over the read-only mount), so the
+    start-up is recorded exactly as containerd and runc perform it."""
+    if os.geteuid() != 0:
+        raise ConfigError("record --containerd needs root (overlay mount, containerd)")
+    rootfs = os.path.join(tmp, "rootfs")
+    for d in ("rootfs", "upper", "work"):
+        os.mkdir(os.path.join(tmp, d))
+    opts = f"lowerdir={mnt},upperdir={tmp}/upper,workdir={tmp}/work"
+    subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts, rootfs], check=True)
+    try:
+        return subprocess.run(["ctr", "--address", address, "run", "--rm", "--rootfs", rootfs,
+                               f"warmstart-record-{os.getpid()}", *cmd],
+                              timeout=timeout).returncode
+    finally:
+        subprocess.run(["umount", rootfs], check=False)
 
 
 def _inspect(args: argparse.Namespace) -> int:

@@ -103,6 +103,18 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
         assert out.returncode == 0, f"{cmd}: {out.stderr[-2000:]}"
         return out.stdout
 
+    def ctr_eventually(self, *args: str, timeout: float = 60) -> str:
+        """`ctr` once containerd has reconnected to a restarted snapshotter (its gRPC client
+        redials with backoff, so the first calls may find the socket not yet dialed)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return self.ctr(*args)
+            except AssertionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+
     def stop(self) -> None:
         self.containerd.terminate()
         self.containerd.wait(timeout=60)
@@ -176,7 +188,7 @@ def test_snapshots_and_lazy_mounts_survive_a_restart(node, registry_images):
     while not _lazy_mounts(node) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert len(_lazy_mounts(node)) == 1
-    assert node.ctr("snapshots", "--snapshotter", "warmstart", "ls") == before
+    assert node.ctr_eventually("snapshots", "--snapshotter", "warmstart", "ls") == before
     out = node.ctr("run", "--rm", "--snapshotter", "warmstart", ref, "lazy2",
                    "/usr/bin/python3", "-c", "print('again')")
     assert out.strip() == "again"
@@ -217,3 +229,30 @@ def test_a_recorded_profile_is_prefetched_when_containerd_pulls(registry_images,
         assert 'VERSION="2"' in out
     finally:
         node.stop()
+
+
+def test_record_a_start_up_run_by_containerd(node, registry_images, capsys):
+    """`record --containerd`: the program is started by containerd and runc on an overlay
+    over the recording mount; what it read becomes the twin's profile."""
+    import json
+
+    from warmstart.cli import main
+    host = registry_images
+    uri = f"docker://{host}/rec"
+    import subprocess as sp
+    sp.run(["skopeo", "--insecure-policy", "copy", "--src-tls-verify=false",
+            "--dest-tls-verify=false", f"docker://{host}/x:v1", f"docker://{host}/rec:v1"],
+           check=True, capture_output=True, timeout=120)
+    with RegistryStore.open_registry(uri, PLAIN) as s:
+        convert(f"docker://{host}/rec:v1", s, "v1", registry=PLAIN)
+    rc = main(["image", "record", "v1", "--store", uri, "--plain-http", "--containerd",
+               node.sock, "--", "/usr/bin/python3", "-c", "import json; print('recorded')"])
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rc == 0 and out["chunks"] > 0
+    with RegistryStore.open_registry(uri, PLAIN) as s:
+        image = s.open_image("v1")  # the source tag finds the twin, now with the profile
+    assert image.profile is not None and image.digest == out["digest"]
+    by_path = {c.digest: e.path for e in image.toc.entries for c in e.chunks}
+    read = [by_path[d] for d in image.profile.chunks]
+    # in first-read order: the interpreter runc starts, then the module it imports
+    assert read.index("usr/bin/python3.11") < read.index("usr/lib/python3.11/json/__init__.py")
