@@ -256,3 +256,54 @@ def test_record_a_start_up_run_by_containerd(node, registry_images, capsys):
     read = [by_path[d] for d in image.profile.chunks]
     # in first-read order: the interpreter runc starts, then the module it imports
     assert read.index("usr/bin/python3.11") < read.index("usr/lib/python3.11/json/__init__.py")
+
+
+def _chain_id(diff_ids: list[str]) -> str:
+    import hashlib
+    chain = diff_ids[0]
+    for d in diff_ids[1:]:
+        chain = "sha256:" + hashlib.sha256(f"{chain} {d}".encode()).hexdigest()
+    return chain
+
+
+def _view(node: Node, snapshotter: str, chain: str, target) -> None:
+    """Mounts a read-only view of committed snapshot `chain` at `target`."""
+    import json
+    key = f"cmp-{snapshotter}-{chain[7:19]}"
+    mounts = json.loads(node.ctr("snapshots", "--snapshotter", snapshotter, "view",
+                                 "--mounts", key, chain))
+    target.mkdir()
+    for m in mounts:  # ctr prints Go's field names
+        m = {k.lower(): v for k, v in m.items()}
+        opts = ",".join(m.get("options") or [])
+        subprocess.run(["mount", "-t", m["type"], m["source"], str(target)]
+                       + (["-o", opts] if opts else []), check=True, capture_output=True)
+
+
+@pytest.mark.parametrize("image", ["x:v1", "notwin:v2"])
+def test_the_tree_equals_containerds_own_unpack(node, registry_images, tmp_path, image):
+    """What a container sees through the warmstart snapshotter (x:v1: the lazy mount;
+    notwin:v2: a fetched layer over it) is the tree containerd's overlayfs snapshotter
+    unpacks from the same registry image, file for file."""
+    import json
+
+    from warmstart.imageformat.registry import RegistryClient
+    host = registry_images
+    repo, tag = image.split(":")
+    client = RegistryClient(host, PLAIN)
+    manifest = json.loads(client.get_manifest(repo, tag)[0])
+    with client.open_blob(repo, manifest["config"]["digest"]) as f:
+        chain = _chain_id(json.loads(f.read())["rootfs"]["diff_ids"])
+    ref = f"{host}/{image}"
+    node.ctr("image", "rpull", "--plain-http", "--snapshotter", "warmstart", ref, remote=True)
+    node.ctr("image", "pull", "--plain-http", "--snapshotter", "overlayfs", ref)
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    _view(node, "warmstart", chain, ours)
+    try:
+        _view(node, "overlayfs", chain, theirs)
+        try:
+            assert snapshot(str(ours)) == snapshot(str(theirs))
+        finally:
+            subprocess.run(["umount", str(theirs)], check=True)
+    finally:
+        subprocess.run(["umount", str(ours)], check=True)
