@@ -16,6 +16,7 @@ import logging
 import os
 import subprocess
 import threading
+import time
 
 from warmstart.errors import WarmstartError
 
@@ -38,21 +39,25 @@ def _label(labels: dict, names: tuple[str, ...]) -> str | None:
 
 class LazyLayers:
     def __init__(self, root: str, options: RegistryOptions, platform: Platform | None = None,
-                 mount_args: tuple[str, ...] = ()) -> None:
+                 mount_args: tuple[str, ...] = (), twin_ttl: float = 30.0) -> None:
         self.root, self.options = root, options
         self.platform = platform or parse_platform(None)
         self.mount_args = mount_args
         self.cache = os.path.join(root, "cache")
         self.procs: dict[str, subprocess.Popen] = {}  # snapshot id -> mount process
-        self.twins: dict[str, tuple[str, str, list[str]] | None] = {}
+        # image ref -> (when looked up, answer); answers expire, so a twin pushed (or a tag
+        # moved) after a first pull is seen by the next pull
+        self.twins: dict[str, tuple[float, tuple[str, str, list[str]] | None]] = {}
+        self.ttl = twin_ttl
         self.lock = threading.Lock()
 
     # --- deciding -------------------------------------------------------------------------
     def _twin(self, image_ref: str) -> tuple[str, str, list[str]] | None:
         """(store URI, twin digest, source layer digests) of `image_ref`, or None."""
         with self.lock:
-            if image_ref in self.twins:
-                return self.twins[image_ref]
+            cached = self.twins.get(image_ref)
+            if cached is not None and time.monotonic() - cached[0] < self.ttl:
+                return cached[1]
         from ._aio import run_sync
         from .registry_store import RegistryStore
         found = None
@@ -73,8 +78,14 @@ class LazyLayers:
         except WarmstartError as exc:
             log.info("%s: no lazy twin (%s); containerd fetches its layers", image_ref, exc)
         with self.lock:
-            self.twins[image_ref] = found
+            self.twins[image_ref] = (time.monotonic(), found)
         return found
+
+    def look_up(self, labels: dict) -> None:
+        """Finds (and caches) the twin of the image the labels name, if they name one."""
+        image_ref = _label(labels, REF_LABELS)
+        if image_ref and _label(labels, LAYER_LABELS):
+            self._twin(image_ref)
 
     def prepare(self, db: SnapshotDB, key: str, parent: str, labels: dict,
                 target: str) -> bool:

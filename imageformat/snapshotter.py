@@ -80,8 +80,13 @@ def make_service(api, db: SnapshotDB, lazy):
                        updated_at=updated, labels=s.labels)
 
     class Service(api.snapshots_pb2_grpc.SnapshotsServicer):
-        @guarded
         def Prepare(self, req, ctx):
+            if lazy is not None:  # registry lookups run before the metadata lock is taken
+                lazy.look_up(dict(req.labels))
+            return self._prepare(req, ctx)
+
+        @guarded
+        def _prepare(self, req, ctx):
             labels = dict(req.labels)
             target = labels.get(LABEL_TARGET)
             if target and lazy is not None and lazy.prepare(db, req.key, req.parent, labels,

@@ -307,3 +307,42 @@ def test_the_tree_equals_containerds_own_unpack(node, registry_images, tmp_path,
             subprocess.run(["umount", str(theirs)], check=True)
     finally:
         subprocess.run(["umount", str(ours)], check=True)
+
+
+def test_cri_labels_over_grpc(node, registry_images):
+    """A client of our own speaking the snapshots API with the labels containerd's CRI plugin
+    passes: the layer is answered ALREADY_EXISTS and committed lazily, a container snapshot
+    on it is an overlay over the lazy mount, and removing it unmounts."""
+    import grpc
+
+    from warmstart.imageformat import containerd_api
+    host = registry_images
+    with RegistryStore.open_registry(f"docker://{host}/x", PLAIN) as s:
+        convert(f"docker://{host}/x:v1", s, "v1", registry=PLAIN)
+        layer = __import__("json").loads(s.client.get_manifest("x", "v1")[0])["layers"][0]
+    api = containerd_api.load(os.path.join(node.snap_root, ".cache"))
+    pb = api.snapshots_pb2
+    with grpc.insecure_channel(f"unix://{node.snap_sock}") as channel:
+        stub = api.snapshots_pb2_grpc.SnapshotsStub(channel)
+        labels = {"containerd.io/snapshot.ref": "cri-top",
+                  "containerd.io/snapshot/cri.image-ref": f"{host}/x:v1",
+                  "containerd.io/snapshot/cri.layer-digest": layer["digest"]}
+        mounted = len(_lazy_mounts(node))
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Prepare(pb.PrepareSnapshotRequest(key="cri-extract", labels=labels))
+        assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
+        assert stub.Stat(pb.StatSnapshotRequest(key="cri-top")).info.kind == pb.COMMITTED
+        assert len(_lazy_mounts(node)) == mounted + 1
+        got = stub.Prepare(pb.PrepareSnapshotRequest(key="cri-ctr", parent="cri-top"))
+        (m,) = got.mounts
+        lower = [o for o in m.options if o.startswith("lowerdir=")][0][len("lowerdir="):]
+        assert m.type == "overlay" and lower in _lazy_mounts(node)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Remove(pb.RemoveSnapshotRequest(key="cri-top"))
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION  # has a child
+        stub.Remove(pb.RemoveSnapshotRequest(key="cri-ctr"))
+        stub.Remove(pb.RemoveSnapshotRequest(key="cri-top"))
+        assert len(_lazy_mounts(node)) == mounted
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Stat(pb.StatSnapshotRequest(key="cri-top"))
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
