@@ -19,6 +19,7 @@ from warmstart.errors import ConfigError, NotFound
 _REF = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)"
                   r"[a-z0-9]+)*)*$")
 _TAG = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+DOCKER_HUB = ("index.docker.io", "registry-1.docker.io", "docker.io")
 
 
 @dataclass(frozen=True)
@@ -69,11 +70,17 @@ def load_auth_file(path: str) -> dict[str, Credentials]:
         password = entry.get("password")
         if isinstance(entry.get("auth"), str) and entry["auth"]:
             try:
-                user, _, password = base64.b64decode(entry["auth"]).decode().partition(":")
+                raw = base64.b64decode(entry["auth"], validate=True).decode()
             except (ValueError, UnicodeDecodeError):
-                raise ConfigError(f"{path}: auth of {key!r} is not base64 user:password") \
-                    from None
-        out[host] = Credentials(user, password, entry.get("identitytoken") or None)
+                raw = ""
+            if ":" not in raw:
+                raise ConfigError(f"{path}: auth of {key!r} is not base64 user:password")
+            user, _, password = raw.partition(":")
+        creds = Credentials(user, password, entry.get("identitytoken") or None)
+        out[host] = creds
+        if host in DOCKER_HUB:  # `docker login` files Docker Hub under its old index URL
+            for alias in DOCKER_HUB:
+                out.setdefault(alias, creds)
     return out
 
 

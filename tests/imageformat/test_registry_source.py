@@ -158,3 +158,36 @@ def test_a_layer_stream_cut_short_resumes_from_the_next_byte(registry_images, tm
         with ImageStore.open(str(tmp_path / "t")) as s, \
                 pytest.raises(RetriesExhausted, match="resumed 3 times"):
             convert(f"docker://{via}/x:v2", s, "v2", registry=PLAIN)
+
+
+@pytest.mark.parametrize("text", ["docker://x", "docker://host/Repo:v1", "docker://h.io/r:",
+                                  "docker://h.io/r@sha256:abc", "docker://h.io/r:" + "t" * 129,
+                                  "docker://h.io//r", "docker://noport/r"])
+def test_bad_references_are_one_clear_error(text):
+    from warmstart.errors import ConfigError
+    from warmstart.imageformat.registry_config import Reference
+    with pytest.raises(ConfigError, match="docker://|not valid|digest"):
+        Reference.parse(text)
+
+
+def test_references_and_auth_files_parse(tmp_path):
+    from warmstart.errors import ConfigError
+    from warmstart.imageformat.registry_config import Reference, load_auth_file
+    r = Reference.parse("docker://127.0.0.1:5000/a/b-c:v1.2@sha256:" + "0" * 64)
+    assert (r.host, r.repo, r.tag, r.digest) == ("127.0.0.1:5000", "a/b-c", "v1.2",
+                                                 "sha256:" + "0" * 64)
+    assert Reference.parse("localhost/x").ref == "latest"
+    path = tmp_path / "auth.json"
+    path.write_text(json.dumps({"auths": {
+        "https://index.docker.io/v1/": {"auth": "dTpw"},  # u:p
+        "reg.example:5000": {"username": "a", "password": "b"}, "bad": "no"}}))
+    auths = load_auth_file(str(path))
+    hub = auths["registry-1.docker.io"]  # the host Docker Hub answers on
+    assert (hub.username, hub.password) == ("u", "p")
+    assert auths["reg.example:5000"].password == "b" and "bad" not in auths
+    path.write_text('{"auths": {"h": {"auth": "%%%"}}}')
+    with pytest.raises(ConfigError, match="not base64"):
+        load_auth_file(str(path))
+    path.write_text("{nope")
+    with pytest.raises(ConfigError, match="not a readable auth file"):
+        load_auth_file(str(path))
