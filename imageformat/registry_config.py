@@ -109,6 +109,9 @@ class Reference:
             raise ConfigError(f"{text!r}: repository or tag is not valid")
         if digest and not re.fullmatch(r"sha256:[0-9a-f]{64}", digest):
             raise ConfigError(f"{text!r}: digest must be sha256:<64 hex>")
+        if host in DOCKER_HUB:  # Docker Hub's API host; its official images live in library/
+            host = "registry-1.docker.io"
+            repo = repo if "/" in repo else f"library/{repo}"
         return cls(host, repo, tag, digest or None)
 
     @property

@@ -191,3 +191,9 @@ def test_references_and_auth_files_parse(tmp_path):
     path.write_text("{nope")
     with pytest.raises(ConfigError, match="not a readable auth file"):
         load_auth_file(str(path))
+
+
+def test_docker_hub_names_map_to_its_api_host():
+    from warmstart.imageformat.registry_config import Reference
+    r = Reference.parse("docker://docker.io/python:3.11")
+    assert (r.host, r.repo, r.tag) == ("registry-1.docker.io", "library/python", "3.11")
