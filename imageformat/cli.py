@@ -1,4 +1,4 @@
-"""`warmstart image convert | push | pull | mount | record | inspect | gc`.
+"""`warmstart image convert | push | pull | mount | record | inspect | gc | snapshotter`.
 
 STORE is a folder or `s3://bucket/prefix` (S3 settings come from the usual AWS_*
 variables, read once here). REF is a tag, `tag@sha256:...` or a manifest digest. Defaults for
@@ -16,6 +16,9 @@ import sys
 import tempfile
 
 from warmstart.errors import ConfigError, WarmstartError
+
+from .decompress import LayerLimits
+from .sources import parse_platform
 
 ENV_STORE = "WARMSTART_IMAGE_STORE"
 ENV_CACHE = "WARMSTART_IMAGE_CACHE"
@@ -43,15 +46,31 @@ def build(p: argparse.ArgumentParser) -> None:
 
     def with_store(sp, flag="--store"):
         sp.add_argument(flag, default=store_default, required=store_default is None,
-                        help=f"image store: a folder or s3://bucket/prefix (${ENV_STORE})")
+                        help="image store: a folder, s3://bucket/prefix or "
+                        f"docker://HOST[:PORT]/REPO (${ENV_STORE})")
+        sp.add_argument("--plain-http", action="store_true",
+                        help="talk http:// to docker:// registries (local registries)")
+        sp.add_argument("--auth-file", help="registry credentials (default: "
+                        "$REGISTRY_AUTH_FILE, else ~/.docker/config.json)")
 
-    c = sub.add_parser("convert", help="convert an OCI layout, docker-archive or rootfs folder")
-    c.add_argument("source", help="DIR (rootfs or OCI layout), LAYOUT:TAG, ARCHIVE.tar[:TAG]")
+    c = sub.add_parser("convert", help="convert a registry image, an OCI layout, a "
+                       "docker-archive or a rootfs folder")
+    c.add_argument("source", help="docker://HOST[:PORT]/REPO[:TAG|@sha256:...], DIR (rootfs "
+                   "or OCI layout), LAYOUT:TAG, ARCHIVE.tar[:TAG]")
+    c.add_argument("--platform", help="OS/ARCH[/VARIANT] to pick from a multi-platform "
+                   "image (default: this machine's)")
     with_store(c)
     c.add_argument("--tag", required=True)
     c.add_argument("--blob-size", type=_size, default=64 << 20)
     c.add_argument("--level", type=int, default=3, help="zstd level")
-    c.add_argument("--workdir", help="where layers are decompressed (default: $TMPDIR)")
+    c.add_argument("--workdir", help="where new chunks are spooled, compressed, until the "
+                   "final tree is known (default: $TMPDIR)")
+    c.add_argument("--max-image-bytes", type=_size, default=LayerLimits.max_bytes,
+                   help="refuse layers that decompress to more than this in all "
+                   "(default 64G)")
+    c.add_argument("--max-layer-ratio", type=float, default=LayerLimits.max_ratio,
+                   help="refuse a layer that decompresses more than this many times its "
+                   "compressed size (judged past 256M; default 100)")
 
     s = sub.add_parser("push", help="copy an image to another store, uploading only new chunks")
     s.add_argument("ref")
@@ -65,6 +84,10 @@ def build(p: argparse.ArgumentParser) -> None:
     q.add_argument("dest")
     with_store(q)
     q.add_argument("--concurrency", type=int, default=8)
+    q.add_argument("--keep-devices", action="store_true",
+                   help="create the image's device nodes (root only; skipped by default)")
+    q.add_argument("--keep-setid", action="store_true",
+                   help="keep setuid/setgid bits and file capabilities (cleared by default)")
     q.add_argument("--throttle", type=_size, metavar="BYTES_PER_S",
                    help="simulate a slower network (benchmarks), e.g. 150M")
 
@@ -86,6 +109,9 @@ def build(p: argparse.ArgumentParser) -> None:
     r.add_argument("--tag", help="tag to move to the image with profile (default: REF's tag)")
     r.add_argument("--no-chroot", action="store_true",
                    help="run CMD on the host; {mount} in CMD is replaced by the mount path")
+    r.add_argument("--containerd", metavar="SOCKET",
+                   help="start CMD as a container through this containerd (root only): "
+                   "runc runs it on an overlay over the recording mount")
     r.add_argument("--timeout", type=float, default=600)
 
     i = sub.add_parser("inspect", help="show an image's manifest, sizes and profile")
@@ -93,6 +119,18 @@ def build(p: argparse.ArgumentParser) -> None:
     with_store(i)
     i.add_argument("--json", action="store_true")
     i.add_argument("--entries", action="store_true", help="list every entry too")
+
+    n = sub.add_parser("snapshotter", help="serve containerd's snapshots API (proxy plugin): "
+                       "images with a warmstart twin in their registry start lazily")
+    n.add_argument("--socket", required=True, help="unix socket containerd connects to")
+    n.add_argument("--root", required=True, help="snapshots, metadata and the chunk cache")
+    n.add_argument("--platform", help="OS/ARCH[/VARIANT] of twins to look for (default: "
+                   "this machine's)")
+    n.add_argument("--no-lazy", action="store_true", help="plain overlay snapshots only")
+    n.add_argument("--plain-http", action="store_true",
+                   help="talk http:// to registries (local registries)")
+    n.add_argument("--auth-file", help="registry credentials (default: $REGISTRY_AUTH_FILE, "
+                   "else ~/.docker/config.json)")
 
     g = sub.add_parser("gc", help="delete blobs no tagged image references")
     with_store(g)
@@ -107,9 +145,24 @@ def _bar(total: int, desc: str):
     return bar, bar.update
 
 
-def _open(uri: str, throttle: int | None = None):
+def _registry(args: argparse.Namespace):
+    from .registry_config import RegistryOptions
+    return RegistryOptions.from_env(plain_http=getattr(args, "plain_http", False),
+                                    auth_file=getattr(args, "auth_file", None))
+
+
+def _registry_args(args: argparse.Namespace) -> list[str]:
+    """The registry flags again, for a child `warmstart image mount`."""
+    return ((["--plain-http"] if args.plain_http else [])
+            + (["--auth-file", args.auth_file] if args.auth_file else []))
+
+
+def _open(uri: str, args: argparse.Namespace, throttle: int | None = None):
     from .backends import S3Config
     from .store import ImageStore
+    if uri.startswith("docker://"):
+        from .registry_store import RegistryStore
+        return RegistryStore.open_registry(uri, _registry(args), throttle)
     return ImageStore.open(uri, S3Config.from_env() if uri.startswith("s3://") else None,
                            throttle)
 
@@ -118,16 +171,19 @@ def run(args: argparse.Namespace) -> int:
     if args.cmd == "convert":
         from .convert import convert
         bar, progress = _bar(0, "convert")
-        with _open(args.store) as store:
+        with _open(args.store, args) as store:
+            limits = LayerLimits(args.max_image_bytes, args.max_layer_ratio)
             res = convert(args.source, store, args.tag, blob_size=args.blob_size,
-                          level=args.level, progress=progress, workdir=args.workdir)
+                          level=args.level, progress=progress, workdir=args.workdir,
+                          limits=limits, platform=parse_platform(args.platform),
+                          registry=_registry(args))
         if bar:
             bar.close()
         print(json.dumps(res.__dict__))
     elif args.cmd == "push":
         from .convert import push
         tag = args.tag or args.ref.split("@")[0]
-        with _open(args.__dict__["from"]) as src, _open(args.to) as dst:
+        with _open(args.__dict__["from"], args) as src, _open(args.to, args) as dst:
             bar, progress = _bar(0, "push")
             res = push(src, args.ref, dst, tag, blob_size=args.blob_size,
                        progress=progress)
@@ -135,28 +191,37 @@ def run(args: argparse.Namespace) -> int:
                 bar.close()
         print(json.dumps(res.__dict__))
     elif args.cmd == "pull":
-        from .pull import pull
-        with _open(args.store, args.throttle) as store:
+        from .pull import PullPolicy, PullReport, pull
+        report = PullReport()
+        with _open(args.store, args, args.throttle) as store:
             size = sum(e.size for e in store.open_image(args.ref).toc.entries)
             bar, progress = _bar(size, "pull")
             image = pull(store, args.ref, args.dest, concurrency=args.concurrency,
-                         progress=progress)
+                         progress=progress, report=report,
+                         policy=PullPolicy(args.keep_devices, args.keep_setid))
             if bar:
                 bar.close()
-        print(json.dumps({"digest": image.digest, "dest": args.dest}))
+        print(json.dumps({"digest": image.digest, "dest": args.dest, **report.__dict__}))
     elif args.cmd == "mount":
         from .mount import MountOptions, serve
         opts = MountOptions(args.cache, args.cache_size, not args.no_prefetch,
                             record_path=args.record)
-        with _open(args.store, args.throttle) as store:
+        with _open(args.store, args, args.throttle) as store:
             stats = serve(store, args.ref, args.mountpoint, opts)
         print(json.dumps(stats), file=sys.stderr)
     elif args.cmd == "record":
         return _record(args)
     elif args.cmd == "inspect":
         return _inspect(args)
+    elif args.cmd == "snapshotter":
+        from .lazy import LazyLayers
+        from .snapshotter import serve as serve_snapshots
+        lazy = None if args.no_lazy else LazyLayers(
+            os.path.abspath(args.root), _registry(args), parse_platform(args.platform),
+            tuple(_registry_args(args)))
+        serve_snapshots(args.socket, args.root, lazy)
     elif args.cmd == "gc":
-        with _open(args.store) as store:
+        with _open(args.store, args) as store:
             doomed = store.gc(dry_run=args.dry_run)
         print(json.dumps({"deleted" if not args.dry_run else "would_delete": doomed}))
     return 0
@@ -172,11 +237,14 @@ def _record(args: argparse.Namespace) -> int:
         mnt, prof = os.path.join(tmp, "mnt"), os.path.join(tmp, "profile.json")
         os.mkdir(mnt)
         proc = spawn_mount(args.store, args.ref, mnt, os.path.join(tmp, "cache"),
-                           "--no-prefetch", "--record", prof)
+                           "--no-prefetch", "--record", prof, *_registry_args(args))
         try:
-            full = ([c.replace("{mount}", mnt) for c in cmd] if args.no_chroot
-                    else ["chroot", mnt, *cmd])
-            rc = subprocess.run(full, timeout=args.timeout).returncode
+            if args.containerd:
+                rc = _run_in_containerd(args.containerd, mnt, tmp, cmd, args.timeout)
+            else:
+                full = ([c.replace("{mount}", mnt) for c in cmd] if args.no_chroot
+                        else ["chroot", mnt, *cmd])
+                rc = subprocess.run(full, timeout=args.timeout).returncode
         finally:
             unmount(mnt, proc)
         if rc != 0:
@@ -186,14 +254,33 @@ def _record(args: argparse.Namespace) -> int:
         with open(prof, "rb") as f:
             profile = parse_profile(f.read())
         tag = args.tag or args.ref.split("@")[0]
-        with _open(args.store) as store:
+        with _open(args.store, args) as store:
             digest = store.add_profile(args.ref, profile, tag)
     print(json.dumps({"digest": digest, "tag": tag, "chunks": len(profile.chunks)}))
     return 0
 
 
+def _run_in_containerd(address: str, mnt: str, tmp: str, cmd: list[str],
+                       timeout: float) -> int:
+    """`ctr run --rootfs` on an overlay (a writable upper over the read-only mount), so the
+    start-up is recorded exactly as containerd and runc perform it."""
+    if os.geteuid() != 0:
+        raise ConfigError("record --containerd needs root (overlay mount, containerd)")
+    rootfs = os.path.join(tmp, "rootfs")
+    for d in ("rootfs", "upper", "work"):
+        os.mkdir(os.path.join(tmp, d))
+    opts = f"lowerdir={mnt},upperdir={tmp}/upper,workdir={tmp}/work"
+    subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts, rootfs], check=True)
+    try:
+        return subprocess.run(["ctr", "--address", address, "run", "--rm", "--rootfs", rootfs,
+                               f"warmstart-record-{os.getpid()}", *cmd],
+                              timeout=timeout).returncode
+    finally:
+        subprocess.run(["umount", rootfs], check=False)
+
+
 def _inspect(args: argparse.Namespace) -> int:
-    with _open(args.store) as store:
+    with _open(args.store, args) as store:
         if args.ref is None:
             print(json.dumps(store.tags(), indent=1))
             return 0

@@ -1,9 +1,12 @@
 """Convert an image into a store, and push an image from one store to another.
 
-Both walk the TOC's chunks in entry order and reuse every chunk the destination already
-holds (in any tagged image); only missing chunks are compressed with zstd and packed into
-new blobs of about `blob_size` bytes. With the same input and the same destination contents
-the result is byte-for-byte the same, so converting an image twice gives the same digests.
+Convert streams each layer once: regular files are cut into chunks as they pass, and chunks
+the destination does not hold are compressed into a spool of zstd frames in the work folder
+(compressed bytes only; no layer is ever written out uncompressed). Once the final tree is
+known, both convert and push walk the TOC's chunks in entry order, reuse every chunk the
+destination already holds (in any tagged image), and pack the missing ones into new blobs of
+about `blob_size` bytes. With the same input and the same destination contents the result is
+byte-for-byte the same, so converting an image twice gives the same digests.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ from .layers import Tree, apply_layer, tree_from_dir
 from .manifest import encode_chunk_index
 from .model import (MT_BLOB, MT_CHUNK_INDEX, MT_TOC, TOC, Chunk, Chunking, Descriptor, Entry,
                     Location, Manifest)
-from .sources import detect_kind, docker_archive_layers, oci_layers
+from .decompress import Budget, LayerLimits, open_layer
+from .sources import Platform, SourceImage, open_source
 from .pull import plan_ranges
 from .store import ImageStore, blob_key, decode_chunk, gather_limited
 from .toc import check_tree, encode_checked_toc
@@ -113,7 +117,8 @@ class OrderedCompressor:
 
 
 def _finish(store: ImageStore, toc: TOC, used: dict[str, Location], sizes: dict[str, int],
-            name: str | None, stats: tuple[int, int, int], profile=None) -> Result:
+            name: str | None, stats: tuple[int, int, int], profile=None,
+            subject: Descriptor | None = None) -> Result:
     check_tree(toc.entries)
     toc_bytes = encode_checked_toc(toc)
     index_bytes = encode_chunk_index(used)
@@ -128,83 +133,124 @@ def _finish(store: ImageStore, toc: TOC, used: dict[str, Location], sizes: dict[
         toc_d = await store.put_blob(toc_bytes)
         idx_d = await store.put_blob(index_bytes)
         m = Manifest(Descriptor(MT_TOC, toc_d, len(toc_bytes)),
-                     Descriptor(MT_CHUNK_INDEX, idx_d, len(index_bytes)), tuple(blobs), profile)
+                     Descriptor(MT_CHUNK_INDEX, idx_d, len(index_bytes)), tuple(blobs), profile,
+                     subject=subject)
         return await store.put_image(m, name), toc_d
     digest, toc_d = run_sync(go())
     return Result(digest, toc_d, *stats)
 
 
-def split_source(source: str) -> tuple[str, str | None]:
-    """`DIR:TAG` / `FILE:REPO:TAG` -> (path, tag); a path that exists as given has no tag."""
-    if os.path.exists(source):
-        return source, None
-    for i, ch in enumerate(source):
-        if ch == ":" and os.path.exists(source[:i]):
-            return source[:i], source[i + 1:]
-    return source, None
+class FrameSpool:
+    """Compressed frames of new chunks, appended to one file in the work folder, read back
+    in TOC order when blobs are packed. Holds each chunk once."""
+
+    def __init__(self, workdir: str) -> None:
+        self.f = open(os.path.join(workdir, "frames.spool"), "w+b")
+        self.where: dict[str, tuple[int, int]] = {}
+        self.end = 0
+        self.dirty = False
+
+    def add(self, digest: str, frame: bytes) -> None:
+        self.f.write(frame)
+        self.dirty = True
+        self.where[digest] = (self.end, len(frame))
+        self.end += len(frame)
+
+    def frame(self, digest: str) -> bytes:
+        if self.dirty:
+            self.f.flush()
+            self.dirty = False
+        off, n = self.where[digest]
+        data = os.pread(self.f.fileno(), n, off)
+        if len(data) != n:
+            raise OSError(f"{self.f.name}: short read of a spooled frame")
+        return data
+
+    def close(self) -> None:
+        self.f.close()
 
 
-def build_tree(source: str, workdir: str, kind: str | None = None) -> Tree:
-    """SOURCE is a rootfs folder, an OCI layout (`DIR` or `DIR:TAG`) or a docker-archive
-    (`FILE` or `FILE:TAG`)."""
-    path, ref = split_source(source)
-    kind = kind or detect_kind(path)
-    if kind == "rootfs":
-        return tree_from_dir(path)
-    tars = (oci_layers if kind == "oci" else docker_archive_layers)(path, ref, workdir)
-    tree = Tree()
-    for t in tars:
-        apply_layer(tree, t)
-    return tree
+class Chunker:
+    """Cuts file content into chunks; new ones go to the compressor (and on to the spool)."""
 
+    def __init__(self, chunking: Chunking, known: dict, compressor: OrderedCompressor,
+                 progress: Progress | None) -> None:
+        self.chunking, self.known, self.compressor = chunking, known, compressor
+        self.progress = progress
+        self.seen: set[str] = set()
 
-def _file_chunks(node, chunking: Chunking, used: dict, known: dict,
-                 compressor: OrderedCompressor, progress: Progress | None) -> list[Chunk]:
-    """Chunks one regular file; new chunks go to the compressor, known ones are reused."""
-    chunks: list[Chunk] = []
-    with open(node.data[0], "rb") as f:
-        f.seek(node.data[1])
-        for digest, piece in iter_chunks(f, node.size, chunking):
+    def __call__(self, f, size: int) -> tuple[Chunk, ...]:
+        chunks = []
+        for digest, piece in iter_chunks(f, size, self.chunking):
             chunks.append(Chunk(digest, len(piece)))
-            if digest not in used:
-                used[digest] = known.get(digest)
-                if used[digest] is None:
-                    compressor.add(digest, piece)
-            if progress:
-                progress(len(piece))
-    return chunks
+            if digest not in self.seen and digest not in self.known:
+                self.seen.add(digest)
+                self.compressor.add(digest, piece)
+            if self.progress:
+                self.progress(len(piece))
+        return tuple(chunks)
+
+
+def build_tree(src: SourceImage, chunker: Chunker | None, limits: LayerLimits) -> Tree:
+    """Applies the source's layers (or walks its rootfs) and cuts every file into chunks."""
+    if src.rootfs is not None:
+        tree = tree_from_dir(src.rootfs)
+        for path in tree.sorted_paths():
+            n = tree.nodes[path]
+            if n.type == "reg" and chunker is not None:
+                with open(n.data[0], "rb") as f:  # type: ignore[index]
+                    f.seek(n.data[1])  # type: ignore[index]
+                    n.chunks = chunker(f, n.size)
+        return tree
+    tree, budget = Tree(), Budget(limits)
+    for layer in src.layers:
+        with open_layer(layer, budget) as tar:
+            apply_layer(tree, tar, chunker, layer.what)
+    return tree
 
 
 def convert(source: str, store: ImageStore, name: str | None, *, kind: str | None = None,
             chunking: Chunking = Chunking(), blob_size: int = BLOB_SIZE, level: int = 3,
-            progress: Progress | None = None, workdir: str | None = None) -> Result:
-    with tempfile.TemporaryDirectory(prefix="warmstart-convert-", dir=workdir) as tmp:
-        tree = build_tree(source, tmp, kind)
+            progress: Progress | None = None, workdir: str | None = None,
+            limits: LayerLimits = LayerLimits(), platform: Platform | None = None,
+            registry=None) -> Result:
+    """SOURCE: see `sources.open_source`. `workdir` holds the spool of new compressed chunks
+    (removed afterwards, also on failure); `limits` bound layer decompression."""
+    with tempfile.TemporaryDirectory(prefix="warmstart-convert-", dir=workdir) as tmp, \
+            open_source(source, kind, platform, registry) as src:
         known, sizes = run_sync(store.known_chunks())
-        packer = BlobPacker(store, blob_size)
-        compressor = OrderedCompressor(packer, level)
-        used: dict[str, Location | None] = {}
-        entries = []
+        spool = FrameSpool(tmp)
         try:
+            compressor = OrderedCompressor(spool, level)  # type: ignore[arg-type]
+            try:
+                tree = build_tree(src, Chunker(chunking, known, compressor, progress), limits)
+            except BaseException:
+                compressor.abort()
+                raise
+            compressor.close()
+            packer = BlobPacker(store, blob_size)
+            used: dict[str, Location | None] = {}
+            entries = []
             for path in tree.sorted_paths():
                 n = tree.nodes[path]
-                chunks = []
-                if n.type == "reg" and n.size:
-                    chunks = _file_chunks(n, chunking, used, known, compressor, progress)
+                chunks = n.chunks or () if n.type == "reg" else ()
+                for c in chunks:
+                    if c.digest not in used:
+                        used[c.digest] = known.get(c.digest)
+                        if used[c.digest] is None:
+                            packer.add(c.digest, spool.frame(c.digest))
                 entries.append(Entry(path, n.type, n.mode, n.uid, n.gid, n.mtime_ns,
                                      n.size if n.type == "reg" else 0, n.target, n.devmajor,
                                      n.devminor, tuple(sorted(n.xattrs.items())),
                                      tuple(chunks)))
-        except BaseException:
-            compressor.abort()
-            raise
-        compressor.close()
-        packer.flush()
+            packer.flush()
+        finally:
+            spool.close()
         new = sum(1 for loc in used.values() if loc is None)
         locs = {d: (loc or packer.locations[d]) for d, loc in used.items()}
         return _finish(store, TOC(tuple(entries), chunking), locs,
                        {**sizes, **packer.blob_sizes}, name,
-                       (new, len(used) - new, packer.uploaded))
+                       (new, len(used) - new, packer.uploaded), subject=src.manifest)
 
 
 def push(src: ImageStore, ref: str, dst: ImageStore, name: str | None, *,
@@ -245,4 +291,5 @@ def push(src: ImageStore, ref: str, dst: ImageStore, name: str | None, *,
         profile = Descriptor(image.manifest.profile.media_type,  # type: ignore[union-attr]
                              run_sync(dst.put_blob(data)), len(data))
     return _finish(dst, image.toc, used, {**sizes, **packer.blob_sizes}, name,
-                   (len(missing), len(used) - len(missing), packer.uploaded), profile)
+                   (len(missing), len(used) - len(missing), packer.uploaded), profile,
+                   image.manifest.subject)

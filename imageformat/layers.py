@@ -1,11 +1,13 @@
 """Build the final file tree of an image: apply layer tars in order, or walk a rootfs folder.
 
-A `Tree` holds metadata and, for regular files, where their bytes lie (a path, an offset and
-a size); no file content is read here. Layers are applied as a container runtime does:
-`.wh.NAME` deletes NAME from lower layers, `.wh..wh..opq` hides everything the lower layers
-put in its directory, a later entry replaces an earlier one, and hard links keep the content
-they had when they were made. Member names are cleaned by `toc.clean_path`; absolute paths,
-`..`, escaping symlinks and dangling hard links refuse the whole layer.
+A `Tree` holds metadata and, for regular files, their content: the chunks it was cut into
+while the layer streamed past (`Node.chunks`), or for a rootfs folder where its bytes lie
+(`Node.data`). Each layer tar is read once, front to back. Layers are applied as a container
+runtime does: `.wh.NAME` deletes NAME from lower layers only (never what its own layer
+holds), `.wh..wh..opq` hides everything the lower layers put in its directory, a later entry
+replaces an earlier one, and hard links keep the content they had when they were made. Member
+names are cleaned by `toc.clean_path`; absolute paths, `..`, escaping symlinks, dangling hard
+links and whiteouts that name no entry (`.wh.`, `.wh..`) refuse the whole layer.
 """
 
 from __future__ import annotations
@@ -15,11 +17,16 @@ import os
 import posixpath
 import stat
 import tarfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import BinaryIO
 
 from warmstart.errors import ImageFormatError, UnsafeEntry
 
+from .model import Chunk
 from .toc import check_symlink, clean_path, path_key
+
+Content = Callable[[BinaryIO, int], "tuple[Chunk, ...]"]  # (reader, size) -> the file's chunks
 
 WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"
@@ -37,7 +44,8 @@ class Node:
     devmajor: int = 0
     devminor: int = 0
     xattrs: dict = field(default_factory=dict)
-    data: tuple[str, int] | None = None  # (file holding the bytes, offset) for regular files
+    data: tuple[str, int] | None = None  # rootfs: (file holding the bytes, offset)
+    chunks: tuple[Chunk, ...] | None = None  # layers: the content, cut while streaming
 
 
 class Tree:
@@ -86,7 +94,7 @@ class Tree:
             return
         heir, old = survivors[0], self.nodes[path]
         self.nodes[heir] = Node("reg", old.mode, old.uid, old.gid, old.mtime_ns, old.size,
-                                xattrs=dict(old.xattrs), data=old.data)
+                                xattrs=dict(old.xattrs), data=old.data, chunks=old.chunks)
         for p in survivors[1:]:
             self.nodes[p].target = heir
         if survivors[1:]:
@@ -133,6 +141,13 @@ class Tree:
         for p in reversed(missing):
             self.add(p, Node("dir", 0o755))
 
+    def whiteout(self, path: str, keep: set[str]) -> None:
+        """Deletes lower-layer `path`; what this layer put there (`keep`) stays."""
+        if path not in keep:
+            self.remove(path)
+        elif self.nodes[path].type == "dir":
+            self.opaque(path, keep)
+
     def opaque(self, path: str, keep: set[str]) -> None:
         """Hides lower-layer content under `path`; `keep` holds this layer's paths and their
         ancestors."""
@@ -147,7 +162,7 @@ class Tree:
                     todo.append(child)
 
 
-def _tar_node(m: tarfile.TarInfo, path: str, data_file: str) -> Node:
+def _tar_node(m: tarfile.TarInfo, path: str) -> Node:
     xattrs = {k[len("SCHILY.xattr."):]: v.encode("utf-8", "surrogateescape")
               for k, v in m.pax_headers.items() if k.startswith("SCHILY.xattr.")}
     mtime = float(m.mtime)
@@ -158,7 +173,7 @@ def _tar_node(m: tarfile.TarInfo, path: str, data_file: str) -> Node:
     if m.issparse():
         raise ImageFormatError(f"layer entry {path!r}: sparse files are not supported")
     if m.isreg():
-        return Node("reg", size=m.size, data=(data_file, m.offset_data), **common)
+        return Node("reg", size=m.size, **common)
     if m.isdir():
         return Node("dir", **common)
     if m.issym():
@@ -174,18 +189,28 @@ def _tar_node(m: tarfile.TarInfo, path: str, data_file: str) -> Node:
     raise ImageFormatError(f"layer entry {path!r}: unsupported tar type {m.type!r}")
 
 
-def apply_layer(tree: Tree, tar_path: str) -> None:
-    """Applies one uncompressed layer tar (a file on disk) on top of `tree`."""
+def apply_layer(tree: Tree, tar: str | BinaryIO, content: Content | None = None,
+                what: str | None = None) -> None:
+    """Applies one uncompressed layer tar (a path or a stream) on top of `tree`, reading it
+    once. `content(reader, size)` cuts each regular file into chunks as it passes; without
+    it only the tree's shape is built (file nodes get no chunks)."""
+    what = what or (tar if isinstance(tar, str) else "layer")
     try:
-        _apply_tar(tree, tar_path)
-    except tarfile.TarError as exc:  # a malformed archive (bad checksum, truncated header)
-        raise ImageFormatError(f"layer {tar_path}: not a readable tar ({exc})") from None
+        if isinstance(tar, str):
+            with open(tar, "rb") as f:
+                _apply_tar(tree, f, content)
+        else:
+            _apply_tar(tree, tar, content)
+    except tarfile.TarError as exc:  # a malformed archive (bad checksum, truncated data)
+        raise ImageFormatError(f"{what}: not a readable tar ({exc})") from None
 
 
-def _apply_tar(tree: Tree, tar_path: str) -> None:
+def _apply_tar(tree: Tree, f: BinaryIO, content: Content | None) -> None:
     keep: set[str] = set()
-    with tarfile.open(tar_path, "r:", encoding="utf-8", errors="surrogateescape") as tf:
-        for m in tf:
+    with tarfile.open(fileobj=f, mode="r|", encoding="utf-8",
+                      errors="surrogateescape") as tf:
+        while (m := tf.next()) is not None:
+            tf.members = []  # a stream: keep no list of every member
             path = clean_path(m.name, f"layer entry {m.name[:200]!r}")
             base = posixpath.basename(path)
             parent = posixpath.dirname(path) or "."
@@ -194,9 +219,18 @@ def _apply_tar(tree: Tree, tar_path: str) -> None:
                     tree.opaque(parent, keep)
                 continue
             if base.startswith(WHITEOUT):
-                tree.remove(clean_path(f"{parent}/{base[len(WHITEOUT):]}", "whiteout"))
+                name = base[len(WHITEOUT):]
+                if name in ("", ".", ".."):
+                    raise UnsafeEntry(f"layer entry {path!r}: whiteout names no entry")
+                target = clean_path(f"{parent}/{name}", f"whiteout {path!r}")
+                if target in tree.nodes:
+                    tree.whiteout(target, keep)
                 continue
-            tree.add(path, _tar_node(m, path, tar_path))
+            node = _tar_node(m, path)
+            if node.type == "reg" and content is not None:
+                reader = tf.extractfile(m)
+                node.chunks = content(reader, m.size)  # type: ignore[arg-type]
+            tree.add(path, node)
             p = path
             while p not in keep and p != ".":
                 keep.add(p)

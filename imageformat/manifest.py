@@ -2,7 +2,8 @@
 
 The manifest is an OCI image manifest with `artifactType` set to warmstart's image type: its
 `config` descriptor names the TOC and its `layers` name the chunk index, the chunk blobs and
-(optionally) a start-up profile. Digests are always checked by `verify_digest` before a
+(optionally) a start-up profile; its optional `subject` names the image manifest it was
+converted from (OCI 1.1), so a registry links the two. Digests are always checked by `verify_digest` before a
 document is parsed.
 """
 
@@ -15,8 +16,8 @@ from warmstart.errors import (DigestMismatch, FieldTooLarge, ImageFormatError,
 
 from .model import (ARTIFACT_TYPE, FORMAT_VERSION, MAX_BLOB_SIZE, MAX_CHUNK,
                     MAX_INDEX_BYTES, MAX_MANIFEST_BYTES, MAX_PROFILE_BYTES, MAX_TOC_BYTES,
-                    MT_BLOB, MT_CHUNK_INDEX, MT_MANIFEST, MT_PROFILE, MT_TOC, ChunkIndex,
-                    Descriptor, Location, Manifest, Profile)
+                    MT_BLOB, MT_CHUNK_INDEX, MT_DOCKER_MANIFEST, MT_MANIFEST, MT_PROFILE,
+                    MT_TOC, ChunkIndex, Descriptor, Location, Manifest, Profile)
 from .toc import canonical_json, is_hex_digest, load_json
 
 MAX_BLOBS = 1_000_000
@@ -72,6 +73,8 @@ def encode_manifest(m: Manifest) -> bytes:
            "config": _desc_json(m.toc), "layers": layers}
     if m.annotations:
         doc["annotations"] = dict(m.annotations)
+    if m.subject is not None:
+        doc["subject"] = _desc_json(m.subject)
     return canonical_json(doc)
 
 
@@ -84,7 +87,7 @@ def parse_manifest(data: bytes) -> Manifest:
         raise UnsupportedVersion("manifest: not a warmstart image manifest (schemaVersion 2, "
                                  f"artifactType {ARTIFACT_TYPE})")
     extra = set(doc) - {"schemaVersion", "mediaType", "artifactType", "config", "layers",
-                        "annotations"}
+                        "annotations", "subject"}
     if extra:
         raise ImageFormatError(f"manifest: unknown fields {sorted(extra)}")
     toc = _descriptor(doc.get("config"), "manifest config", (MT_TOC,), MAX_TOC_BYTES)
@@ -109,7 +112,11 @@ def parse_manifest(data: bytes) -> Manifest:
             or not all(isinstance(k, str) and isinstance(v, str) and len(v) <= 4096
                        and _utf8(k) and _utf8(v) for k, v in notes.items())):
         raise ImageFormatError("manifest: 'annotations' must map strings to short strings")
-    return Manifest(toc, index, tuple(blobs), profile, tuple(sorted(notes.items())))
+    subject = None
+    if "subject" in doc:
+        subject = _descriptor(doc["subject"], "manifest subject",
+                              (MT_MANIFEST, MT_DOCKER_MANIFEST), MAX_MANIFEST_BYTES)
+    return Manifest(toc, index, tuple(blobs), profile, tuple(sorted(notes.items())), subject)
 
 
 def encode_chunk_index(locations: dict[str, Location]) -> bytes:

@@ -12,6 +12,7 @@ FORMAT_VERSION = 1
 
 MT_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 MT_INDEX_OCI = "application/vnd.oci.image.index.v1+json"
+MT_DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 ARTIFACT_TYPE = "application/vnd.warmstart.image.v1"
 MT_TOC = "application/vnd.warmstart.image.toc.v1+json"
 MT_CHUNK_INDEX = "application/vnd.warmstart.image.chunkindex.v1+json"
@@ -105,6 +106,7 @@ class Manifest:
     blobs: tuple[Descriptor, ...]
     profile: Descriptor | None = None
     annotations: tuple[tuple[str, str], ...] = ()
+    subject: Descriptor | None = None  # the image manifest this was converted from
 
 
 @dataclass(frozen=True)

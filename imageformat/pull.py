@@ -3,6 +3,11 @@
 `plan_ranges` (pure) coalesces chunk frames that lie close together in a blob into one
 ranged read; every chunk is verified before its bytes are written. Files are created before
 any symlink exists and with O_NOFOLLOW, so no entry can write outside the destination.
+
+The folder is a plain host folder, not a `nosuid,nodev` mount, so by default pull writes no
+privilege into it, whoever runs it: device nodes are skipped, setuid/setgid bits of files are
+cleared (a setgid directory keeps its bit) and `security.capability` xattrs are dropped (as rootless unpackers do). `PullPolicy` turns
+each back on, for a root that will be used as a container's root filesystem.
 """
 
 from __future__ import annotations
@@ -22,6 +27,23 @@ from .model import Chunk, Entry, Location
 from .store import Image, ImageStore, decode_chunk
 
 log = logging.getLogger("warmstart.imageformat")
+
+
+SETID_BITS = 0o6000
+CAPABILITY_XATTR = "security.capability"
+
+
+@dataclass(frozen=True)
+class PullPolicy:
+    devices: bool = False  # create char/block device nodes (needs root)
+    setid: bool = False  # keep setuid/setgid bits and file capabilities
+
+
+@dataclass
+class PullReport:
+    skipped_devices: int = 0
+    cleared_setid: int = 0
+    dropped_capabilities: int = 0
 
 
 @dataclass(frozen=True)
@@ -73,15 +95,23 @@ def _create_tree(dest: str, entries: tuple[Entry, ...]) -> None:
                 os.close(fd)
 
 
-def _finish_entry(dest: str, e: Entry, root: bool) -> None:
+def _finish_entry(dest: str, e: Entry, root: bool, policy: PullPolicy,
+                  report: PullReport) -> None:
     p = os.path.join(dest, e.path)
     if e.type == "hardlink":
         return
     if root:
         os.chown(p, e.uid, e.gid, follow_symlinks=False)
     if e.type != "symlink":
-        os.chmod(p, e.mode)
+        mode = e.mode
+        if mode & SETID_BITS and e.type != "dir" and not policy.setid:
+            mode &= ~SETID_BITS
+            report.cleared_setid += 1
+        os.chmod(p, mode)
     for k, v in e.xattrs:
+        if k == CAPABILITY_XATTR and not policy.setid:
+            report.dropped_capabilities += 1
+            continue
         try:
             os.setxattr(p, k, v, follow_symlinks=False)
         except OSError as exc:
@@ -90,18 +120,23 @@ def _finish_entry(dest: str, e: Entry, root: bool) -> None:
 
 
 def pull(store: ImageStore, ref: str, dest: str, *, concurrency: int = 8,
-         progress: Callable[[int], None] | None = None) -> Image:
+         progress: Callable[[int], None] | None = None,
+         policy: PullPolicy = PullPolicy(), report: PullReport | None = None) -> Image:
     """Writes image `ref` as a plain folder at `dest` (which must be absent or empty).
     The tree is built in a sibling folder and renamed into place only once every chunk was
-    verified, so a failed pull never leaves a half-written rootfs at `dest`."""
+    verified, so a failed pull never leaves a half-written rootfs at `dest`. What `policy`
+    left out is counted in `report`."""
     dest = os.path.abspath(dest)
     if os.path.exists(dest) and (not os.path.isdir(dest) or os.listdir(dest)):
         raise ConfigError(f"{dest}: pull needs a missing or empty destination folder")
+    if policy.devices and os.geteuid() != 0:
+        raise ConfigError("pull: creating device nodes needs root")
+    report = PullReport() if report is None else report
     image = store.open_image(ref)
     work = tempfile.mkdtemp(prefix=f".{os.path.basename(dest)}.partial-",
                             dir=os.path.dirname(dest))
     try:
-        _materialize(store, image, work, concurrency, progress)
+        _materialize(store, image, work, concurrency, progress, policy, report)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
@@ -112,7 +147,8 @@ def pull(store: ImageStore, ref: str, dest: str, *, concurrency: int = 8,
 
 
 def _materialize(store: ImageStore, image: Image, dest: str, concurrency: int,
-                 progress: Callable[[int], None] | None) -> None:
+                 progress: Callable[[int], None] | None, policy: PullPolicy,
+                 report: PullReport) -> None:
     entries = image.toc.entries
     _create_tree(dest, entries)
     targets: dict[str, list[tuple[str, int]]] = {}
@@ -160,15 +196,18 @@ def _materialize(store: ImageStore, image: Image, dest: str, concurrency: int,
         elif e.type == "fifo":
             os.mkfifo(p, 0o600)
         elif e.type in ("char", "block"):
-            if root:
+            if policy.devices:
                 kind = 0o020000 if e.type == "char" else 0o060000
                 os.mknod(p, kind | 0o600, os.makedev(e.devmajor, e.devminor))
             else:
-                log.warning("pull: not root, skipping device node %s", e.path)
-                continue
+                report.skipped_devices += 1
     for e in entries:
-        if e.type != "dir" and (e.type not in ("char", "block") or root):
-            _finish_entry(dest, e, root)
+        if e.type != "dir" and (e.type not in ("char", "block") or policy.devices):
+            _finish_entry(dest, e, root, policy, report)
     for e in reversed(entries):
         if e.type == "dir":
-            _finish_entry(dest, e, root)
+            _finish_entry(dest, e, root, policy, report)
+    if report.skipped_devices or report.cleared_setid or report.dropped_capabilities:
+        log.info("pull: left out %d device nodes, %d setuid/setgid bits, %d file capabilities"
+                 " (PullPolicy / --keep-devices, --keep-setid)", report.skipped_devices,
+                 report.cleared_setid, report.dropped_capabilities)

@@ -9,6 +9,7 @@ uncompressed bytes, before any caller sees a byte.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from dataclasses import dataclass
 
@@ -150,9 +151,13 @@ class ImageStore:
         raise NotFound(f"{self.uri}: no image tagged {name!r}")
 
     # --- images ---------------------------------------------------------------------
+    async def get_manifest(self, digest: str) -> bytes:
+        """A manifest's verified bytes (a registry store keeps manifests apart from blobs)."""
+        return await self.get_doc(digest, MAX_MANIFEST_BYTES, "manifest")
+
     async def open_image_async(self, ref: str) -> Image:
         digest = await self.resolve(ref)
-        manifest = parse_manifest(await self.get_doc(digest, MAX_MANIFEST_BYTES, "manifest"))
+        manifest = parse_manifest(await self.get_manifest(digest))
         toc = parse_toc(await self.get_doc(manifest.toc, MAX_TOC_BYTES, "TOC"))
         sizes = {b.digest: b.size for b in manifest.blobs}
         index = parse_chunk_index(
@@ -239,9 +244,8 @@ class ImageStore:
             from .model import MT_PROFILE
             data = encode_profile(profile)
             desc = Descriptor(MT_PROFILE, await self.put_blob(data), len(data))
-            m = image.manifest
-            new = Manifest(m.toc, m.chunk_index, m.blobs, desc, m.annotations)
-            return await self.put_image(new, name)
+            return await self.put_image(dataclasses.replace(image.manifest, profile=desc),
+                                        name)
         return run_sync(go())
 
 

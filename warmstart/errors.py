@@ -141,5 +141,9 @@ class FieldTooLarge(ImageFormatError):
     """A document or one of its fields exceeds its safety cap."""
 
 
+class LayerTooLarge(FieldTooLarge):
+    """A layer decompresses past the image's uncompressed-bytes limit or its ratio bound."""
+
+
 class DigestMismatch(IntegrityError):
     """A chunk, blob, TOC or manifest does not hash to the digest that names it."""

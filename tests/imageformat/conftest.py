@@ -94,3 +94,95 @@ def store_uri(request, tmp_path, s3_servers):
     s = s3_servers[request.param]
     cfg = S3Config(s.endpoint, s.access_key, s.secret_key, s.region)
     return f"s3://images/{request.node.name.replace('[', '-').rstrip(']')}-{os.getpid()}", cfg
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_registry(root, extra: str = "") -> tuple:
+    """Debian's docker-registry (distribution 2.8) on 127.0.0.1 at a free port, storing
+    under `root`; returns (process, "127.0.0.1:PORT")."""
+    import subprocess
+    import time
+    import urllib.error
+    import urllib.request
+    port = _free_port()
+    config = root / "config.yml"
+    config.write_text(f"""version: 0.1
+log:
+  level: error
+  accesslog:
+    disabled: true
+storage:
+  filesystem:
+    rootdirectory: {root / 'data'}
+  delete:
+    enabled: true
+http:
+  addr: 127.0.0.1:{port}
+{extra}""")
+    proc = subprocess.Popen(["docker-registry", "serve", str(config)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/", timeout=2).close()
+            break
+        except urllib.error.HTTPError:
+            break  # it answers (401 with auth configured)
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                err = proc.stderr.read().decode(errors="replace")[-2000:]
+                pytest.fail(f"docker-registry did not start: {err}")
+            time.sleep(0.05)
+    return proc, f"127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="session")
+def registry(tmp_path_factory):
+    """A plain-http docker-registry on 127.0.0.1; yields (host:port, storage root)."""
+    if shutil.which("docker-registry") is None:
+        pytest.skip("docker-registry is not installed (Debian package 'docker-registry')")
+    root = tmp_path_factory.mktemp("registry")
+    proc, host = start_registry(root)
+    yield host, root / "data"
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def registry_images(registry, oci_layout):
+    """The OCI test images v1 and v2, pushed by skopeo as x:v1 and x:v2."""
+    if shutil.which("skopeo") is None:
+        pytest.skip("skopeo is not installed (Debian package 'skopeo')")
+    host, _ = registry
+    for tag in ("v1", "v2"):
+        run("skopeo", "--insecure-policy", "copy", "--dest-tls-verify=false",
+            f"oci:{oci_layout}:{tag}", f"docker://{host}/x:{tag}")
+    return host
+
+
+@pytest.fixture(scope="session")
+def auth_registry(tmp_path_factory, oci_layout):
+    """docker-registry with token auth: Bearer challenges answered by tests' token server,
+    user alice/secret; x:v1 pushed by skopeo with those credentials. Yields (host, server)."""
+    if shutil.which("docker-registry") is None or shutil.which("skopeo") is None:
+        pytest.skip("needs docker-registry and skopeo (Debian packages)")
+    pytest.importorskip("cryptography", reason="the test token server signs with it")
+    from tokenserver import TokenServer
+    root = tmp_path_factory.mktemp("auth-registry")
+    tokens = TokenServer(root, {"alice": "secret"})
+    proc, host = start_registry(root, tokens.registry_config())
+    try:
+        run("skopeo", "--insecure-policy", "copy", "--dest-tls-verify=false",
+            "--dest-creds", "alice:secret", f"oci:{oci_layout}:v1", f"docker://{host}/x:v1")
+        yield host, tokens
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        tokens.stop()

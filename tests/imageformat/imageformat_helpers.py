@@ -10,6 +10,12 @@ import subprocess
 BLOB = 2 << 20  # small blobs so the test images span several
 
 
+def exact_policy():
+    """Pull keeping setuid bits (the test image has a setuid file): a bit-exact round trip."""
+    from warmstart.imageformat.pull import PullPolicy
+    return PullPolicy(setid=True)
+
+
 def run(*cmd: str, timeout: float = 120) -> None:
     subprocess.run(cmd, check=True, capture_output=True, timeout=timeout)
 
@@ -43,3 +49,32 @@ def snapshot(root: str, mtimes: bool = True) -> dict:
     return out
 
 
+
+def write_oci_layout(layout: str, layers: list[bytes], tag: str = "v1",
+                     media_type: str = "application/vnd.oci.image.layer.v1.tar+gzip") -> str:
+    """A minimal OCI image layout holding one image of `layers` (already compressed), tagged
+    `tag`; returns `layout:tag`."""
+    import json
+
+    blobs = os.path.join(layout, "blobs", "sha256")
+    os.makedirs(blobs, exist_ok=True)
+
+    def put(data: bytes) -> dict:
+        digest = hashlib.sha256(data).hexdigest()
+        with open(os.path.join(blobs, digest), "wb") as f:
+            f.write(data)
+        return {"digest": f"sha256:{digest}", "size": len(data)}
+
+    config = put(json.dumps({"architecture": "amd64", "os": "linux",
+                             "rootfs": {"type": "layers", "diff_ids": []}}).encode())
+    manifest = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "config": {"mediaType": "application/vnd.oci.image.config.v1+json", **config},
+                "layers": [{"mediaType": media_type, **put(data)} for data in layers]}
+    desc = put(json.dumps(manifest).encode())
+    with open(os.path.join(layout, "oci-layout"), "w") as f:
+        f.write('{"imageLayoutVersion":"1.0.0"}')
+    with open(os.path.join(layout, "index.json"), "w") as f:
+        json.dump({"schemaVersion": 2, "manifests": [{
+            "mediaType": "application/vnd.oci.image.manifest.v1+json", **desc,
+            "annotations": {"org.opencontainers.image.ref.name": tag}}]}, f)
+    return f"{layout}:{tag}"

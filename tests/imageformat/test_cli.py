@@ -31,7 +31,8 @@ def test_convert_push_inspect_pull_gc(capsys, py_rootfs, s3_servers, tmp_path, m
     rc, out, _ = run(capsys, "inspect", "v1", "--store", remote, "--json")
     info = json.loads(out)
     assert rc == 0 and info["entries"]["reg"] > 100 and info["blobs"] >= 3
-    rc, out, _ = run(capsys, "pull", "v1", str(tmp_path / "out"), "--store", remote)
+    rc, out, _ = run(capsys, "pull", "v1", str(tmp_path / "out"), "--store", remote,
+                     "--keep-setid")
     assert rc == 0 and snapshot(str(tmp_path / "out")) == snapshot(py_rootfs)
     rc, out, _ = run(capsys, "gc", "--store", remote)
     assert rc == 0 and json.loads(out) == {"deleted": []}

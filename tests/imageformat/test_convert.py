@@ -7,7 +7,7 @@ import os
 import tarfile
 
 import pytest
-from imageformat_helpers import BLOB, snapshot
+from imageformat_helpers import BLOB, exact_policy, snapshot
 
 from warmstart.errors import DigestMismatch, UnsafeEntry
 from warmstart.imageformat.convert import convert
@@ -28,7 +28,7 @@ def test_rootfs_round_trip_and_determinism(py_rootfs, tmp_path):
     assert again.digest == a.digest and again.new_chunks == 0 and again.new_bytes == 0
     s = store(tmp_path, "a")
     assert len(s.open_image("v1").manifest.blobs) >= 3
-    pull(s, "v1", str(tmp_path / "out"))
+    pull(s, "v1", str(tmp_path / "out"), policy=exact_policy())
     assert snapshot(str(tmp_path / "out")) == snapshot(py_rootfs)
 
 
@@ -37,7 +37,7 @@ def test_oci_layout_round_trip_matches_umoci_unpack(oci_layout, umoci_unpacked, 
     for tag in ("v1", "v2"):
         convert(f"{oci_layout}:{tag}", s, tag, blob_size=BLOB)
         out = str(tmp_path / f"pulled-{tag}")
-        pull(s, tag, out)
+        pull(s, tag, out, policy=exact_policy())
         assert snapshot(out) == snapshot(umoci_unpacked[tag]), tag
     v2 = snapshot(str(tmp_path / "pulled-v2"))
     assert "old/deep/gone.txt" not in v2 and "old/fresh.txt" in v2  # whiteouts applied

@@ -4,7 +4,7 @@ push with deduplication, pull, tags, garbage collection and tamper detection."""
 from __future__ import annotations
 
 import pytest
-from imageformat_helpers import BLOB, snapshot
+from imageformat_helpers import BLOB, exact_policy, snapshot
 
 from warmstart.errors import DigestMismatch, NotFound
 from warmstart.imageformat._aio import run_sync
@@ -42,7 +42,7 @@ def test_push_pull_round_trip(source, dest, py_rootfs, tmp_path):
     assert r.toc_digest == source.open_image("v1").toc_digest
     assert r.digest == source.tags()["v1"]  # same packing into an empty store
     assert dest.tags() == {"v1": r.digest}
-    pull(dest, "v1", str(tmp_path / "out"))
+    pull(dest, "v1", str(tmp_path / "out"), policy=exact_policy())
     assert snapshot(str(tmp_path / "out")) == snapshot(py_rootfs)
     pinned = dest.open_image(f"v1@{r.digest}")
     assert pinned.digest == r.digest
@@ -70,7 +70,7 @@ def test_gc_deletes_only_unreferenced_blobs(source, dest, py_rootfs_v2, tmp_path
     push(source, "v2", dest, "v2", blob_size=BLOB)  # v1 is untagged now
     doomed = dest.gc(dry_run=True)
     assert doomed and dest.gc() == doomed and dest.gc() == []
-    pull(dest, "v2", str(tmp_path / "out"))
+    pull(dest, "v2", str(tmp_path / "out"), policy=exact_policy())
     assert snapshot(str(tmp_path / "out")) == snapshot(py_rootfs_v2)
     with pytest.raises(NotFound):
         dest.open_image("v1")
@@ -105,5 +105,5 @@ def test_push_out_of_this_store(source, dest, py_rootfs_v2, tmp_path):
     other = ImageStore.open(str(tmp_path / "other"))
     r = push(dest, "v2", other, "v2")  # coalesced range reads out of `dest`
     assert r.toc_digest == source.open_image("v2").toc_digest and r.reused_chunks == 0
-    pull(other, "v2", str(tmp_path / "out"))
+    pull(other, "v2", str(tmp_path / "out"), policy=exact_policy())
     assert snapshot(str(tmp_path / "out")) == snapshot(py_rootfs_v2)

@@ -300,7 +300,8 @@ def check_oci_layout(index_doc, manifest_doc, ref) -> None:
     from pathlib import Path
 
     from warmstart.errors import WarmstartError
-    from warmstart.imageformat.sources import oci_layers
+    from warmstart.imageformat.decompress import Budget, LayerLimits, open_layer
+    from warmstart.imageformat.sources import open_source
 
     with tempfile.TemporaryDirectory() as tmp:
         layout = Path(tmp) / "layout"
@@ -310,10 +311,14 @@ def check_oci_layout(index_doc, manifest_doc, ref) -> None:
         (layout / "index.json").write_text(
             json.dumps(index_doc).replace('"MANIFEST"', json.dumps(manifest)))
         try:
-            tars = oci_layers(str(layout), ref, tmp)
+            with open_source(str(layout) + (f":{ref}" if ref else ""), "oci") as src:
+                tars = []
+                for layer in src.layers:
+                    with open_layer(layer, Budget(LayerLimits())) as tar:
+                        tars.append(tar.read())
         except WarmstartError:
             return
-        assert all(Path(t).is_file() for t in tars)
+        assert tars == [LAYER] * len(tars)
 
 
 @QUICK
@@ -340,7 +345,8 @@ def test_docker_archive_manifest_mutations(manifest_doc, config_doc, ref):
     import tempfile
 
     from warmstart.errors import WarmstartError
-    from warmstart.imageformat.sources import docker_archive_layers
+    from warmstart.imageformat.decompress import Budget, LayerLimits, open_layer
+    from warmstart.imageformat.sources import open_source
 
     diff_id = "sha256:" + hashlib.sha256(LAYER).hexdigest()
     members = {"manifest.json": json.dumps(manifest_doc).encode(),
@@ -354,6 +360,9 @@ def test_docker_archive_manifest_mutations(manifest_doc, config_doc, ref):
                 info.size = len(data)
                 tf.addfile(info, io.BytesIO(data))
         try:
-            docker_archive_layers(archive, ref, tmp)
+            with open_source(archive + (f":{ref}" if ref else ""), "docker-archive") as src:
+                for layer in src.layers:
+                    with open_layer(layer, Budget(LayerLimits())) as tar:
+                        assert tar.read() == LAYER
         except WarmstartError:
             pass
