@@ -17,6 +17,10 @@ class ConfigError(WarmstartError, ValueError):
     """A configuration value or key is invalid."""
 
 
+class OperationTimeout(WarmstartError, TimeoutError):
+    """A synchronous call ran past its timeout; the operation was cancelled."""
+
+
 # --- bad checkpoint files -------------------------------------------------------------
 
 
@@ -80,6 +84,10 @@ class AccessDenied(SourceError, PermissionError):
 
 class EndpointUnreachable(SourceError, ConnectionError):
     """The storage endpoint cannot be reached at all."""
+
+
+class RangeNotSatisfiable(SourceError):
+    """A read asked for bytes past the end of an object (HTTP 416)."""
 
 
 class Retryable(SourceError):
