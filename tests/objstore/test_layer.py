@@ -169,3 +169,20 @@ def test_progress_counter_reports_cumulative_counts():
     for n in (3, 3, 4):
         counter.add(n)
     assert seen == [(3, 10), (6, 10), (10, 10)]
+
+
+def test_runtime_never_imports_the_testing_module():
+    """Fault proxies, test servers and checkpoint makers stay out of what users run."""
+    import pathlib
+    import re
+
+    root = pathlib.Path(__file__).resolve().parents[2]
+    offenders = []
+    for part in ("loader", "imageformat", "vllm_plugin", "ray_serve", "warmstart"):
+        for path in (root / part).rglob("*.py"):
+            rel = path.relative_to(root).as_posix()
+            if rel.startswith("warmstart/testing/") or rel == "ray_serve/bench.py":
+                continue  # the testing module itself; the Ray benchmark tool
+            if re.search(r"^\s*(from|import) warmstart\.testing", path.read_text(), re.M):
+                offenders.append(rel)
+    assert not offenders, offenders
