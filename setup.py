@@ -18,6 +18,7 @@ PARTS = {
     "warmstart.vllm_plugin": "vllm_plugin",
     "warmstart.ray_serve": "ray_serve",
     "warmstart.benchmarks": "benchmarks",
+    "warmstart.storage": "warmstart/storage",
     "warmstart.testing": "warmstart/testing",
 }
 

@@ -2,7 +2,7 @@
 
 Both speak the same small async interface (`get`, `get_range`, `put`, `exists`, `list`,
 `delete`); `open_backend` picks one by URI (`/path`, `file://path`, `s3://bucket/prefix`).
-S3 errors are mapped onto the project's exception tree; transient ones are retried.
+S3 goes through warmstart.storage's one client: its error table and its retry policy.
 """
 
 from __future__ import annotations
@@ -10,10 +10,11 @@ from __future__ import annotations
 import asyncio
 import os
 import tempfile
-from dataclasses import dataclass
 
-from warmstart.errors import (AccessDenied, ConfigError, EndpointUnreachable, NotFound,
-                              Retryable, RetriesExhausted, SourceError)
+from warmstart.errors import ConfigError, NotFound, SourceError
+from warmstart.storage.config import StorageConfig
+from warmstart.storage.s3 import S3Client
+from warmstart.storage.uri import S3Uri, parse_s3
 
 
 class LocalBackend:
@@ -87,140 +88,65 @@ class LocalBackend:
         return None
 
 
-@dataclass(frozen=True)
-class S3Config:
-    endpoint: str | None = None
-    access_key: str | None = None
-    secret_key: str | None = None
-    region: str = "us-east-1"
-    attempts: int = 4
-
-    @classmethod
-    def from_env(cls, env: dict | None = None) -> "S3Config":
-        env = os.environ if env is None else env
-        return cls(env.get("AWS_ENDPOINT_URL") or env.get("AWS_ENDPOINT_URL_S3"),
-                   env.get("AWS_ACCESS_KEY_ID"), env.get("AWS_SECRET_ACCESS_KEY"),
-                   env.get("AWS_DEFAULT_REGION") or env.get("AWS_REGION") or "us-east-1")
+def S3Config(endpoint: str | None = None, access_key: str | None = None,
+             secret_key: str | None = None, region: str | None = None) -> StorageConfig:
+    """Storage settings for an image store on S3: the environment (one table, in
+    `StorageConfig.from_env`) with the given values on top."""
+    return StorageConfig.from_env(endpoint_url=endpoint, access_key=access_key,
+                                  secret_key=secret_key, region=region)
 
 
-def _map_error(exc: Exception, what: str) -> Exception:
-    import botocore.exceptions as bex
-    if isinstance(exc, bex.ClientError):
-        err = exc.response.get("Error", {})
-        code = str(err.get("Code", ""))
-        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-        msg = f"{what}: {code or status} {err.get('Message', '')}".strip()
-        if code in ("NoSuchKey", "NoSuchBucket", "404", "NotFound") or status == 404:
-            return NotFound(msg)
-        if status == 403 or code in ("AccessDenied", "InvalidAccessKeyId",
-                                     "SignatureDoesNotMatch"):
-            return AccessDenied(msg)
-        if status >= 500 or code in ("SlowDown", "RequestTimeout", "Throttling"):
-            return Retryable(msg)
-        return SourceError(msg)
-    if isinstance(exc, bex.EndpointConnectionError):
-        return EndpointUnreachable(f"{what}: {exc}")
-    if isinstance(exc, (bex.ConnectionClosedError, bex.ReadTimeoutError, asyncio.TimeoutError,
-                        ConnectionError, bex.ResponseStreamingError, bex.IncompleteReadError)):
-        return Retryable(f"{what}: {exc}")
-    try:  # a body cut short or reset mid-way reaches us as aiohttp's own error
-        import aiohttp
-
-        if isinstance(exc, aiohttp.ClientError):
-            return Retryable(f"{what}: {exc}")
-    except ImportError:  # pragma: no cover - aiobotocore always brings aiohttp
-        pass
-    return SourceError(f"{what}: {exc}")
+S3Config.from_env = StorageConfig.from_env  # type: ignore[attr-defined]
 
 
 class S3Backend:
-    """Keys live under `s3://bucket/prefix/`; path-style addressing for local servers."""
+    """Keys live under `s3://bucket/prefix/`, through the one storage client (its error
+    table, its retry policy, ranged GETs into the buffer, multipart PUTs)."""
 
-    def __init__(self, bucket: str, prefix: str, config: S3Config) -> None:
+    def __init__(self, bucket: str, prefix: str, config: StorageConfig) -> None:
         self.bucket, self.prefix, self.config = bucket, prefix.strip("/"), config
         self.uri = f"s3://{bucket}/{self.prefix}"
-        self._client = None
-        self._cm = None
+        self._client: S3Client | None = None
+        self._opening = None
 
-    def _key(self, key: str) -> str:
-        return f"{self.prefix}/{key}" if self.prefix else key
+    def _obj(self, key: str) -> S3Uri:
+        return S3Uri(self.bucket, f"{self.prefix}/{key}" if self.prefix else key)
 
-    async def _c(self):
+    async def _c(self) -> S3Client:
         if self._client is None:
-            from aiobotocore.config import AioConfig
-            from aiobotocore.session import get_session
-            cfg = AioConfig(s3={"addressing_style": "path"}, retries={"max_attempts": 1},
-                            max_pool_connections=32, connect_timeout=10, read_timeout=60)
-            self._cm = get_session().create_client(
-                "s3", endpoint_url=self.config.endpoint, region_name=self.config.region,
-                aws_access_key_id=self.config.access_key,
-                aws_secret_access_key=self.config.secret_key, config=cfg)
-            self._client = await self._cm.__aenter__()
+            if self._opening is None:  # concurrent first calls open one client
+                self._opening = asyncio.ensure_future(S3Client(self.config).__aenter__())
+            self._client = await asyncio.shield(self._opening)
         return self._client
 
-    async def _call(self, what: str, fn):
-        delay = 0.1
-        for attempt in range(self.config.attempts):
-            try:
-                return await fn(await self._c())
-            except Exception as exc:  # noqa: BLE001 - mapped right here
-                mapped = _map_error(exc, f"{self.uri} {what}")
-                if not isinstance(mapped, Retryable):
-                    raise mapped from exc
-                if attempt == self.config.attempts - 1:
-                    raise RetriesExhausted(str(mapped)) from exc
-                await asyncio.sleep(delay)
-                delay *= 2
-
     async def get(self, key: str) -> bytes:
-        async def go(c):
-            resp = await c.get_object(Bucket=self.bucket, Key=self._key(key))
-            async with resp["Body"] as body:
-                return await body.read()
-        return await self._call(f"GET {key}", go)
+        return await (await self._c()).get(self._obj(key))
 
     async def get_range(self, key: str, offset: int, length: int) -> bytes:
-        async def go(c):
-            resp = await c.get_object(Bucket=self.bucket, Key=self._key(key),
-                                      Range=f"bytes={offset}-{offset + length - 1}")
-            async with resp["Body"] as body:
-                data = await body.read()
-            if len(data) != length:
-                raise ConnectionError(f"short body {len(data)} of {length}")
-            return data
-        return await self._call(f"GET {key} [{offset}, +{length})", go)
+        return await (await self._c()).get_range(self._obj(key), offset, length)
 
     async def put(self, key: str, data: bytes) -> None:
-        async def go(c):
-            await c.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
-        await self._call(f"PUT {key}", go)
+        await (await self._c()).put(self._obj(key), data)
 
     async def exists(self, key: str) -> bool:
         try:
-            await self._call(f"HEAD {key}", lambda c: c.head_object(Bucket=self.bucket,
-                                                                    Key=self._key(key)))
+            await (await self._c()).head(self._obj(key))
             return True
         except NotFound:
             return False
 
     async def list(self, prefix: str) -> list[str]:
-        async def go(c):
-            out, strip = [], len(self.prefix) + 1 if self.prefix else 0
-            pages = c.get_paginator("list_objects_v2").paginate(
-                Bucket=self.bucket, Prefix=self._key(prefix))
-            async for page in pages:
-                out.extend(o["Key"][strip:] for o in page.get("Contents", []))
-            return sorted(out)
-        return await self._call(f"LIST {prefix}", go)
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        listing = await (await self._c()).list(self.bucket, self._obj(prefix).key, delimiter="")
+        return sorted(key[strip:] for key, _ in listing)
 
     async def delete(self, key: str) -> None:
-        await self._call(f"DELETE {key}", lambda c: c.delete_object(Bucket=self.bucket,
-                                                                    Key=self._key(key)))
+        await (await self._c()).delete(self._obj(key))
 
     async def close(self) -> None:
-        if self._cm is not None:
-            cm, self._cm, self._client = self._cm, None, None
-            await cm.__aexit__(None, None, None)
+        client, self._client, self._opening = self._client, None, None
+        if client is not None:
+            await client.__aexit__(None, None, None)
 
 
 class ThrottledBackend:
@@ -255,12 +181,10 @@ class ThrottledBackend:
         return getattr(self.inner, name)
 
 
-def open_backend(uri: str, s3: S3Config | None = None):
+def open_backend(uri: str, s3: StorageConfig | None = None):
     if uri.startswith("s3://"):
-        bucket, _, prefix = uri[5:].partition("/")
-        if not bucket:
-            raise ConfigError(f"{uri}: no bucket")
-        return S3Backend(bucket, prefix, s3 or S3Config.from_env())
+        where = parse_s3(uri)
+        return S3Backend(where.bucket, where.key, s3 or StorageConfig.from_env())
     if uri.startswith("file://"):
         uri = uri[7:]
     if "://" in uri:

@@ -16,6 +16,7 @@ import sys
 import tempfile
 
 from warmstart.errors import ConfigError, WarmstartError
+from warmstart.storage.units import parse_size
 
 from .decompress import LayerLimits
 from .sources import parse_platform
@@ -25,11 +26,8 @@ ENV_CACHE = "WARMSTART_IMAGE_CACHE"
 
 
 def _size(text: str) -> int:
-    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-    t = text.strip().lower().removesuffix("ib").removesuffix("b")
-    if t and t[-1] in units:
-        return int(float(t[:-1]) * units[t[-1]])
-    return int(t)
+    """Sizes on the command line read as everywhere in warmstart (8GB = 8*10^9, 8GiB = 2^33)."""
+    return parse_size(text, "size")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:

@@ -17,9 +17,10 @@ import zstandard
 
 from warmstart.errors import (DigestMismatch, ImageFormatError, IntegrityError, NotFound,
                               UnsupportedVersion)
+from warmstart.storage.config import StorageConfig
 
 from ._aio import run_sync
-from .backends import S3Config, ThrottledBackend, open_backend
+from .backends import ThrottledBackend, open_backend
 from .manifest import (check_digest_string, encode_manifest, parse_chunk_index,
                        parse_manifest, parse_profile, sha256_digest, verify_digest)
 from .model import (ANNOTATION_REF, MAX_INDEX_BYTES, MAX_MANIFEST_BYTES, MAX_PROFILE_BYTES,
@@ -67,7 +68,7 @@ class ImageStore:
         self.uri = backend.uri
 
     @classmethod
-    def open(cls, uri: str, s3: S3Config | None = None,
+    def open(cls, uri: str, s3: StorageConfig | None = None,
              throttle: float | None = None) -> "ImageStore":
         """`throttle` (bytes/s) simulates a slower network for benchmarks."""
         backend = open_backend(uri, s3)

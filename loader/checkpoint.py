@@ -1,7 +1,9 @@
 """Resolve a URI into a checkpoint: its files (as sources) and their validated headers.
 
 Accepted forms, local or s3://: a `.safetensors` file; a folder / prefix (its index when it
-has one, else every `*.safetensors` directly in it); a `*.safetensors.index.json` file.
+has one, else every `*.safetensors` directly in it); a `*.safetensors.index.json` file. A plain
+http(s):// URL (a presigned URL, any web server) names one file or an index whose shards sit
+beside it (a web server has no listing).
 Headers of all files are fetched in parallel; index and headers must agree exactly.
 """
 
@@ -23,9 +25,11 @@ from warmstart.loader.index import INDEX_SUFFIX, ShardIndex, parse_index
 from warmstart.loader.sources.base import Source
 from warmstart.loader.sources.local import LocalFileSource
 from warmstart.loader.sources.retry import RetryingSource, RetryPolicy
-from warmstart.loader.sources.s3 import S3Client, S3Object, S3Uri
+from warmstart.loader.sources.s3 import (HttpObject, HttpTransport, S3Client, S3Object,
+                                         open_client, storage_config)
 from warmstart.loader.sums import MAX_SIDECAR_BYTES, VerifyingSource, parse_sums
 from warmstart.loader.sums import SUFFIX as SUMS_SUFFIX
+from warmstart.storage.uri import HttpUri, S3Uri, parse_s3, parse_uri
 
 FIRST_READ = 1 << 20  # one request usually covers the whole header
 DEFAULT_INDEX = "model" + INDEX_SUFFIX
@@ -75,6 +79,7 @@ class _Resolver:
         self.policy = RetryPolicy(config.max_attempts, config.retry_base_delay,
                                   config.retry_max_delay)
         self._s3: S3Client | None = None
+        self._http: HttpTransport | None = None
 
     def _wrap(self, source: Source) -> Source:
         self.stack.push_async_callback(source.close)
@@ -85,15 +90,35 @@ class _Resolver:
 
     async def s3(self, uri: S3Uri, size: int | None = None) -> Source:
         if self._s3 is None:
-            self._s3 = await self.stack.enter_async_context(S3Client(self.config,
-                                                                     self.executor))
+            self._s3 = await self.stack.enter_async_context(open_client(self.config,
+                                                                        self.executor))
         return self._wrap(S3Object(self._s3, uri, size))
 
+    def http(self, url: str) -> Source:
+        if self._http is None:
+            self._http = HttpTransport(storage_config(self.config), self.executor)
+            self.stack.callback(self._http.close)
+        return self._wrap(HttpObject(self._http, url))
+
+    async def open(self, location: str, size: int | None = None) -> Source:
+        """A source for one file: local path, s3:// or http(s):// URL."""
+        parsed = parse_uri(location)
+        if isinstance(parsed, S3Uri):
+            return await self.s3(parsed, size)
+        if isinstance(parsed, HttpUri):
+            return self.http(parsed.url)
+        return self.local(parsed.path)
+
     async def resolve(self, uri: str) -> tuple[list[Source], ShardIndex | None]:
-        if uri.startswith("s3://"):
-            return await self._resolve_s3(S3Uri.parse(uri))
-        path = uri[len("file://"):] if uri.startswith("file://") else uri
-        path = os.path.expanduser(path)
+        parsed = parse_uri(uri)
+        if isinstance(parsed, S3Uri):
+            return await self._resolve_s3(parsed)
+        if isinstance(parsed, HttpUri):
+            source = self.http(parsed.url)
+            if source.name.endswith(".json"):
+                return await self._from_index(source, query=parsed.url.partition("?")[2])
+            return [source], None
+        path = parsed.path
         if os.path.isdir(path):
             names = sorted(os.listdir(path))
             index_name = _pick_index(names, path)
@@ -128,17 +153,18 @@ class _Resolver:
                                          f"under this prefix")
         return [await self.s3(S3Uri(uri.bucket, prefix + n), names[n]) for n in files], None
 
-    async def _from_index(self, index_source: Source) -> tuple[list[Source], ShardIndex]:
+    async def _from_index(self, index_source: Source,
+                          query: str = "") -> tuple[list[Source], ShardIndex]:
         raw = await index_source.read(0, await index_source.size())
         index = parse_index(raw, index_source.name)
         base = posixpath.dirname(index_source.name)
 
         async def open_shard(shard: str) -> Source:
             location = posixpath.join(base, shard)
+            if query and location.startswith(("http://", "https://")):
+                location += "?" + query  # shards of a URL index: same (presigned) query
             try:
-                if not location.startswith("s3://"):
-                    return self.local(location)
-                source = await self.s3(S3Uri.parse(location), sizes.get(location))
+                source = await self.open(location, sizes.get(location))
                 await source.size()  # a HEAD only when the listing did not have it
                 return source
             except NotFound as exc:
@@ -148,7 +174,7 @@ class _Resolver:
         sizes: dict[str, int] = {}
         if base.startswith("s3://") and self._s3 is not None:
             # one LIST gives every shard's size, instead of a HEAD per shard
-            uri = S3Uri.parse(base + "/")
+            uri = parse_s3(base + "/")
             sizes = {f"s3://{uri.bucket}/{key}": size
                      for key, size in await self._s3.list(uri.bucket, uri.key)}
         sources = list(await asyncio.gather(*(open_shard(s) for s in index.shards)))
@@ -184,10 +210,7 @@ async def _with_sums(resolver: "_Resolver", source: Source) -> Source:
     inner = source.inner
     where = source.name + SUMS_SUFFIX
     try:
-        if where.startswith("s3://"):
-            sidecar = await resolver.s3(S3Uri.parse(where))
-        else:
-            sidecar = resolver.local(where)
+        sidecar = await resolver.open(where)
         size = min(await sidecar.size(), MAX_SIDECAR_BYTES + 1)
     except NotFound:
         raise NotFound(errno.ENOENT, f"{where}: no block-sums sidecar for {source.name} "

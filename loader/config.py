@@ -13,26 +13,10 @@ from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
 from warmstart.errors import ConfigError
+from warmstart.storage.units import parse_size  # noqa: F401 - the one size parser
 
 MiB = 1 << 20
 GiB = 1 << 30
-
-
-def parse_size(value: Any, key: str) -> int:
-    """Accepts ints and strings like '512MiB', '64M', '1g', '4096'."""
-    if isinstance(value, bool):
-        raise ConfigError(f"{key}: expected a size, got {value!r}")
-    if isinstance(value, int):
-        return value
-    if isinstance(value, str):
-        text = value.strip().lower().replace(" ", "")
-        units = {"kib": 1 << 10, "mib": MiB, "gib": GiB, "kb": 1000, "mb": 10**6,
-                 "gb": 10**9, "k": 1 << 10, "m": MiB, "g": GiB, "b": 1, "": 1}
-        for suffix in sorted(units, key=len, reverse=True):
-            number = text[: len(text) - len(suffix)] if suffix else text
-            if text.endswith(suffix) and number.replace(".", "", 1).isdigit():
-                return int(float(number) * units[suffix])
-    raise ConfigError(f"{key}: cannot read {value!r} as a size (examples: 8MiB, 512M, 1GiB)")
 
 
 DEFAULT_CHUNK = 16 * MiB
@@ -100,15 +84,15 @@ class LoaderConfig:
     read_timeout: float = 60.0
     """Seconds without progress on one request before it counts as a transient failure."""
     s3_endpoint_url: str | None = None
-    """Overrides AWS_ENDPOINT_URL / the AWS default endpoint."""
+    """Overrides AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL / the AWS default endpoint."""
     s3_region: str | None = None
     """Overrides AWS_DEFAULT_REGION / the profile's region."""
     s3_addressing_style: str = "auto"
     """'path', 'virtual' or 'auto' (path style when a custom endpoint is set)."""
     s3_data_path: str = "auto"
     """'raw' (SigV4-signed ranged GETs received with recv_into straight into the buffer),
-    'botocore' (aiobotocore's streaming body), or 'auto' (raw for http://, botocore for
-    https:// endpoints)."""
+    over http:// and https:// alike; 'botocore' (aiobotocore's streaming body, one more copy);
+    'auto' is raw."""
     cuda_runtime: str | None = None
     """Path of the CUDA runtime library (libcudart) to load. Unset: the one already in the
     process (torch's), else pip's wheel or the system's, torch's CUDA major version first."""

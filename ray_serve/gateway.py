@@ -13,20 +13,22 @@ The Ray actor around it is `node_actor.NodeGateway`.
 
 from __future__ import annotations
 
-import errno
 import logging
-import os
 import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Iterator
 
-from warmstart.errors import Retryable
 from warmstart.ray_serve import plan
 from warmstart.ray_serve.chunk_cache import ChunkCache, sha256
 from warmstart.ray_serve.plan import ObjectId
 from warmstart.ray_serve.settings import SharingConfig
+from warmstart.storage import sync
+from warmstart.storage.config import StorageConfig
+from warmstart.storage.retry import RetryPolicy
+from warmstart.storage.s3 import S3Client
+from warmstart.storage.uri import S3Uri
 
 log = logging.getLogger("warmstart.ray_serve")
 HEAD_TTL = 30.0  # seconds a HEAD answer is reused (objects are versioned by size + ETag)
@@ -46,7 +48,12 @@ class Gateway:
         self._nodes = nodes or (lambda: (node_id,))
         self._peer_fetch = peer_fetch
         self._on_bytes = on_bytes or (lambda source, n: None)
-        self._client = _s3_client(settings.s3_endpoint_url)
+        self._storage = StorageConfig.from_env(
+            endpoint_url=settings.s3_endpoint_url, max_connections=64,
+            # one try per request here: a transient failure reaches the loader as a 503,
+            # and the loader's retry policy is the one retry loop
+            retry=RetryPolicy(max_attempts=1))
+        self._client: S3Client | None = None
         self._lock = threading.Lock()
         self._inflight: dict[str, Future] = {}
         self._heads: dict[tuple[str, str], tuple[ObjectId, float, float]] = {}
@@ -76,22 +83,16 @@ class Gateway:
             hit = self._heads.get((bucket, key))
         if hit and now - hit[2] < HEAD_TTL:
             return hit[0], hit[1]
-        resp = self._call(f"s3://{bucket}/{key}", self._client.head_object, Bucket=bucket,
-                          Key=key)
-        obj = ObjectId(bucket, key, int(resp["ContentLength"]), resp.get("ETag", ""))
-        mtime = resp["LastModified"].timestamp() if resp.get("LastModified") else time.time()
+        info = sync.run(self._s3().head(S3Uri(bucket, key)))
+        obj = ObjectId(bucket, key, info.size, info.etag)
+        mtime = info.mtime if info.mtime is not None else time.time()
         with self._lock:
             self._heads[(bucket, key)] = (obj, mtime, now)
         return obj, mtime
 
     def list(self, bucket: str, prefix: str, delimiter: str, token: str | None,
              max_keys: int) -> tuple[list[dict], list[str], str | None]:
-        kwargs = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": max_keys}
-        if delimiter:
-            kwargs["Delimiter"] = delimiter
-        if token:
-            kwargs["ContinuationToken"] = token
-        resp = self._call(f"s3://{bucket}/{prefix}", self._client.list_objects_v2, **kwargs)
+        resp = sync.run(self._s3().list_page(bucket, prefix, delimiter, token, max_keys))
         contents = [{"Key": o["Key"], "Size": int(o["Size"]), "ETag": o.get("ETag", ""),
                      "LastModified": o["LastModified"].strftime("%Y-%m-%dT%H:%M:%S.000Z")}
                     for o in resp.get("Contents", [])]
@@ -255,37 +256,29 @@ class Gateway:
                 self._written.notify_all()
 
     def _get_range(self, obj: ObjectId, offset: int, length: int) -> bytes:
-        what = f"{obj.name} bytes {offset}-{offset + length - 1}"
         started = time.perf_counter()
-        data = self._get_range_botocore(obj, offset, length, what)
+        data = self._get_range_from_s3(obj, offset, length)
         self._count("s3_seconds", time.perf_counter() - started)
         self._count("s3_requests")
         self._count("s3_bytes", length)
         self._on_bytes("s3", length)
         return data
 
-    def _get_range_botocore(self, obj: ObjectId, offset: int, length: int,
-                            what: str) -> bytes:
-        resp = self._call(what, self._client.get_object, Bucket=obj.bucket, Key=obj.key,
-                          Range=f"bytes={offset}-{offset + length - 1}")
-        with resp["Body"] as body:
-            data = body.read()
-        if len(data) != length:
-            raise Retryable(errno.EPIPE, f"{what}: got {len(data)} bytes")
-        etag = resp.get("ETag")
-        if etag and obj.etag and etag != obj.etag:
-            raise Retryable(errno.ESTALE, f"{what}: the object changed while it was read "
-                                          f"(ETag {etag}, was {obj.etag})")
-        return data
+    def _s3(self) -> S3Client:
+        with self._lock:
+            if self._client is None:
+                self._client = sync.run(S3Client(self._storage).__aenter__())
+            return self._client
 
-    def _call(self, what: str, fn, **kwargs):
-        try:
-            return fn(**kwargs)
-        except Exception as exc:  # noqa: BLE001 - into warmstart's tree
-            # imported here: the loader package imports torch, which the gateway never needs
-            from warmstart.loader.sources.s3 import map_botocore_error
+    def _get_range_from_s3(self, obj: ObjectId, offset: int, length: int) -> bytes:
+        return sync.run(self._s3().get_range(S3Uri(obj.bucket, obj.key), offset, length,
+                                             etag=obj.etag or None))
 
-            raise map_botocore_error(exc, what) from exc
+    def close(self) -> None:
+        with self._lock:
+            client, self._client = self._client, None
+        if client is not None:
+            sync.run(client.__aexit__(None, None, None))
 
     # --- shares -------------------------------------------------------------------------
     def _owner(self, obj: ObjectId, index: int) -> str:
@@ -323,16 +316,3 @@ class Gateway:
     def stats(self) -> dict:
         with self._lock:
             return dict(self.counters)
-
-
-def _s3_client(endpoint: str | None):
-    import botocore.config
-    import botocore.session
-
-    endpoint = (endpoint or os.environ.get("AWS_ENDPOINT_URL_S3")
-                or os.environ.get("AWS_ENDPOINT_URL"))
-    config = botocore.config.Config(
-        s3={"addressing_style": "path" if endpoint else "auto"}, max_pool_connections=64,
-        retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=10, read_timeout=60)
-    return botocore.session.get_session().create_client("s3", endpoint_url=endpoint,
-                                                        config=config)

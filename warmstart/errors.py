@@ -22,6 +22,10 @@ class MissingDependency(WarmstartError, ImportError):
     how to install it."""
 
 
+class OperationTimeout(WarmstartError, TimeoutError):
+    """A synchronous call ran past its timeout; the operation was cancelled."""
+
+
 # --- bad checkpoint files -------------------------------------------------------------
 
 
@@ -85,6 +89,10 @@ class AccessDenied(SourceError, PermissionError):
 
 class EndpointUnreachable(SourceError, ConnectionError):
     """The storage endpoint cannot be reached at all."""
+
+
+class RangeNotSatisfiable(SourceError):
+    """A read asked for bytes past the end of an object (HTTP 416)."""
 
 
 class Retryable(SourceError):
