@@ -52,7 +52,9 @@ setup(
         "test": ["pytest", "hypothesis", "safetensors", "localbucket", "nanio", "moto[server]",
                  "zstandard", "trio", "jsonschema"],
         # images: zstd chunks; the lazy mount needs Debian's fuse3 + libfuse3-dev for pyfuse3
-        "image": ["zstandard>=0.22", "pyfuse3>=3.3", "trio"],
+        # (grpcio + grpcio-tools: the containerd snapshotter compiles containerd's protos
+        # from Debian's golang-github-containerd-containerd-dev at first start)
+        "image": ["zstandard>=0.22", "pyfuse3>=3.3", "trio", "grpcio", "grpcio-tools"],
         "bench": ["matplotlib", "safetensors", "localbucket", "pytest-benchmark",
                   "runai-model-streamer", "runai-model-streamer-s3", "fastsafetensors"],
         # vLLM itself pulls config/tokenizer of `model="s3://..."` with runai-model-streamer

@@ -17,7 +17,8 @@ from warmstart.errors import ConfigError, MissingDependency, WarmstartError
 EXTRA_OF = {
     "localbucket": "bench", "matplotlib": "bench", "safetensors": "bench",
     "runai_model_streamer": "bench", "fastsafetensors": "bench", "pytest_benchmark": "bench",
-    "zstandard": "image", "pyfuse3": "image", "trio": "image",
+    "zstandard": "image", "pyfuse3": "image", "trio": "image", "grpc": "image",
+    "grpc_tools": "image",
     "vllm": "vllm", "ray": "ray", "pyarrow": "ray", "pandas": "ray",
     "nanio": "test", "moto": "test", "hypothesis": "test", "pytest": "test",
 }
