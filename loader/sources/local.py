@@ -75,7 +75,8 @@ class LocalFileSource(Source):
         a = DIRECT_ALIGNMENT
         return self._direct_fd >= 0 and not (offset % a or target.addr % a or target.nbytes % a)
 
-    def _read_blocking(self, offset: int, target: Target) -> None:
+    def read_blocking(self, offset: int, target: Target) -> None:
+        """`read_into` for a worker thread of the caller's (blocking, GIL released)."""
         fd = self._direct_fd if self._aligned(offset, target) else self._fd
         n = _native.pread_into(fd, offset, target.addr, target.nbytes)
         if n < 0:
@@ -89,7 +90,7 @@ class LocalFileSource(Source):
     async def read_into(self, offset: int, target: Target) -> None:
         if target.nbytes == 0:
             return
-        await in_thread(self._executor, self._read_blocking, offset, target)
+        await in_thread(self._executor, self.read_blocking, offset, target)
 
     def _close_fds(self) -> None:
         for fd in (self._fd, self._direct_fd):
