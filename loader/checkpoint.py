@@ -227,7 +227,7 @@ async def _with_sums(resolver: "_Resolver", source: Source) -> Source:
     if sums.size != actual:
         raise IntegrityError(f"{where}: describes {sums.size} bytes, but {source.name} has "
                              f"{actual}")
-    return RetryingSource(VerifyingSource(inner, sums), resolver.policy)
+    return RetryingSource(VerifyingSource(inner, sums, resolver.executor), resolver.policy)
 
 
 async def open_checkpoint(uri: str, config: LoaderConfig, executor: Executor,

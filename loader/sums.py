@@ -25,11 +25,12 @@ import json
 import math
 import os
 import zlib
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any, Iterable
 
 from warmstart.errors import CorruptRead, FormatError
-from warmstart.loader.sources.base import Source, Target
+from warmstart.loader.sources.base import Source, Target, in_thread
 
 FORMAT = "warmstart-block-sums"
 SUFFIX = ".sums"
@@ -106,25 +107,46 @@ def write_sidecars(paths: Iterable[str], block_size: int = DEFAULT_BLOCK) -> lis
 
 
 class VerifyingSource(Source):
-    """Checks every whole block a read covers against its sidecar sum."""
+    """Checks every whole block a read covers against its sidecar sum.
 
-    def __init__(self, inner: Source, sums: BlockSums) -> None:
+    With an `executor`, the sums are computed off the event loop: for a source that reads on
+    worker threads (`read_blocking`, local files) on the same thread that read the block, in
+    the same hop; for one that reads on the loop (S3), in one hop after the read."""
+
+    def __init__(self, inner: Source, sums: BlockSums, executor: Executor | None = None) -> None:
         self.inner = inner
         self.name = inner.name
         self.backend = inner.backend
         self.sums = sums
         self.alignment = math.lcm(inner.alignment, sums.block_size)
+        self._executor = executor
 
     async def size(self) -> int:
         return await self.inner.size()
 
     async def read_into(self, offset: int, target: Target) -> None:
-        size = self.sums.size
-        n = max(0, min(target.nbytes, size - offset))  # widened reads stop at the end
+        n = max(0, min(target.nbytes, self.sums.size - offset))  # widened reads stop at the end
+        blocking = getattr(self.inner, "read_blocking", None)
+        if self._executor is not None and blocking is not None:
+            await in_thread(self._executor, self._read_and_check, blocking, offset, target, n)
+            return
         if n:
             await self.inner.read_into(offset, target.sub(0, n))
-        block = self.sums.block_size
-        first = -(-offset // block)  # whole blocks inside [offset, offset + n)
+        if self._executor is not None:
+            await in_thread(self._executor, self._check, offset, target, n)
+        else:
+            self._check(offset, target, n)
+
+    def _read_and_check(self, blocking, offset: int, target: Target, n: int) -> None:
+        if n:
+            blocking(offset, target.sub(0, n))
+        self._check(offset, target, n)
+
+    def _check(self, offset: int, target: Target, n: int) -> None:
+        """Raises CorruptRead for the first whole block in [offset, offset + n) whose sum is
+        wrong; blocks cut by either end are checked by the reads that hold them whole."""
+        size, block = self.sums.size, self.sums.block_size
+        first = -(-offset // block)
         for index in range(first, len(self.sums.sums)):
             start = index * block
             end = min(start + block, size)

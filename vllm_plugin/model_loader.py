@@ -4,6 +4,12 @@ vLLM builds the model on the worker's device, then calls `load_weights(model, mo
 We hand `model.load_weights` the generator from `warmstart.loader.stream`, so each tensor is
 copied into its parameter while later bytes are still arriving, then check (as vLLM's default
 loader does) that every parameter was loaded.
+
+Under tensor parallelism vLLM's weight loaders take whole tensors and cut the rank's slice
+(`narrow`) before copying it into the parameter. Tensors streamed to the GPU would cross PCIe
+whole on every rank, and wait there in group buffers; so with TP > 1 (`plan_staging`) they
+land in host memory instead, mapped from the page cache that all ranks of a node share, and
+each rank's weight loaders copy only its slice to its GPU, as with vLLM's default loader.
 """
 
 from __future__ import annotations
@@ -11,6 +17,8 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -44,26 +52,67 @@ class WarmstartModelLoader(BaseModelLoader):
 
     def load_weights(self, model: nn.Module, model_config: ModelConfig) -> None:
         uri = weights_uri(self.options, model_config)
-        device = weights_device(model)
+        staging = plan_staging(weights_device(model), tensor_parallel_size(),
+                               self.options.tp_staging, self.loader_config)
         started = time.perf_counter()
         with node_cache.shared_copy(uri, self.options, self.loader_config) as read_uri:
             try:
-                loaded = model.load_weights(self._stream(read_uri, device))
+                loaded = model.load_weights(weights_stream(read_uri, staging))
             except WarmstartError as exc:
                 exc.add_note(
                     f"while streaming weights for vLLM model {model_config.model!r} from "
                     f"{uri!r} (load_format 'warmstart')")
                 raise
-        logger.info("warmstart: loading weights from %s took %.2f seconds", uri,
-                    time.perf_counter() - started)
+        logger.info("warmstart: loading weights from %s to %s took %.2f seconds (%s)", uri,
+                    staging.device, time.perf_counter() - started, staging.why)
         check_every_parameter_loaded(model, loaded, model_config, uri)
 
-    def _stream(self, uri: str, device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
-        from warmstart.loader import stream
 
-        # dtype=None: tensors keep the checkpoint's dtype and vLLM's weight loaders cast them
-        # exactly as they do for load_format="auto".
-        yield from stream(uri, device, config=self.loader_config)
+@dataclass(frozen=True)
+class Staging:
+    """Where this worker's tensors land before vLLM's weight loaders take them, and the
+    loader settings to land them with."""
+
+    device: torch.device
+    config: Any  # warmstart.loader.LoaderConfig
+    why: str
+
+
+def plan_staging(worker: torch.device, tp_size: int, mode: str, config) -> Staging:
+    """Pure. "device": tensors land on the worker's GPU. "host" (auto under TP > 1 on a GPU):
+    they land in host memory and each rank's weight loaders copy only its slice to the GPU.
+    There, local files are mapped (every rank of a node reads the same page-cache pages; no
+    O_DIRECT, which would read the file from disk once per rank) unless the config says
+    otherwise (`mmap=False`, `direct_io=True`)."""
+    if worker.type != "cuda":
+        return Staging(worker, config, "the worker's device")
+    if mode == "device" or (mode == "auto" and tp_size <= 1):
+        why = "tp_staging='device'" if mode == "device" else "no tensor parallelism"
+        return Staging(worker, config, why)
+    changes: dict[str, Any] = {}
+    if config.mmap is None:
+        changes["mmap"] = True
+    if config.direct_io is None:
+        changes["direct_io"] = False
+    why = (f"tensor parallel size {tp_size}: each rank copies only its share to the GPU"
+           if mode == "auto" else "tp_staging='host'")
+    return Staging(torch.device("cpu"), config.replace(**changes) if changes else config, why)
+
+
+def tensor_parallel_size() -> int:
+    from vllm.config import get_current_vllm_config
+
+    parallel = get_current_vllm_config().parallel_config
+    return max(int(getattr(parallel, "tensor_parallel_size", 1) or 1), 1)
+
+
+def weights_stream(uri: str, staging: Staging, **hooks) -> Iterator[tuple[str, torch.Tensor]]:
+    """The (name, tensor) stream handed to vLLM's `model.load_weights`."""
+    from warmstart.loader import stream
+
+    # dtype=None: tensors keep the checkpoint's dtype and vLLM's weight loaders cast them
+    # exactly as they do for load_format="auto".
+    yield from stream(uri, staging.device, config=staging.config, **hooks)
 
 
 def weights_uri(options: PluginOptions, model_config: ModelConfig) -> str:

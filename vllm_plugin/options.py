@@ -16,6 +16,7 @@ from typing import Any
 from warmstart.errors import ConfigError
 
 NODE_CACHE_MODES = ("auto", "on", "off")
+TP_STAGING_MODES = ("auto", "host", "device")
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,12 @@ class PluginOptions:
 
     node_cache_dir: str | None = None
     """Folder for the node-local copy; None: `$VLLM_CACHE_ROOT/warmstart-node-cache`."""
+
+    tp_staging: str = "auto"
+    """Where a GPU worker's tensors land before vLLM's weight loaders take them: "host": host
+    memory (mapped page cache for local files), so each rank narrows there and copies only
+    its share to its GPU; "device": whole tensors on the GPU, narrowed there; "auto": "host"
+    under tensor parallelism (TP > 1), else "device"."""
 
     loader: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     """The keys meant for `warmstart.loader.LoaderConfig`, already validated by it."""
@@ -77,10 +84,15 @@ def parse_extra_config(extra: Any) -> PluginOptions:
     if cache_dir is not None and (not isinstance(cache_dir, str) or not cache_dir):
         raise ConfigError(f"'node_cache_dir' must be a non-empty path, got {cache_dir!r}")
 
+    tp_staging = extra.get("tp_staging", "auto")
+    if tp_staging not in TP_STAGING_MODES:
+        raise ConfigError(f"'tp_staging' must be one of {', '.join(TP_STAGING_MODES)}, "
+                          f"got {tp_staging!r}")
+
     loader = {k: v for k, v in extra.items() if k in loader_keys}
     build_loader_config(loader)  # validates values now, with the loader's own messages
     return PluginOptions(weights=weights, node_cache=node_cache, node_cache_dir=cache_dir,
-                         loader=dict(loader))
+                         tp_staging=tp_staging, loader=dict(loader))
 
 
 def build_loader_config(overrides: Mapping[str, Any]):

@@ -75,7 +75,8 @@ class LocalFileSource(Source):
         a = DIRECT_ALIGNMENT
         return self._direct_fd >= 0 and not (offset % a or target.addr % a or target.nbytes % a)
 
-    def _read_blocking(self, offset: int, target: Target) -> None:
+    def read_blocking(self, offset: int, target: Target) -> None:
+        """`read_into` for a worker thread of the caller's (blocking, GIL released)."""
         fd = self._direct_fd if self._aligned(offset, target) else self._fd
         n = _native.pread_into(fd, offset, target.addr, target.nbytes)
         if n < 0:
@@ -89,7 +90,7 @@ class LocalFileSource(Source):
     async def read_into(self, offset: int, target: Target) -> None:
         if target.nbytes == 0:
             return
-        await in_thread(self._executor, self._read_blocking, offset, target)
+        await in_thread(self._executor, self.read_blocking, offset, target)
 
     def _close_fds(self) -> None:
         for fd in (self._fd, self._direct_fd):
@@ -131,15 +132,19 @@ class FileMapping:
         self.buffer = (ctypes.c_ubyte * length).from_address(addr)
         weakref.finalize(self.buffer, _libc.munmap, addr, length)
 
-    def populate(self) -> None:
-        """Makes the mapped bytes resident (reading from disk what is not cached), with the
-        GIL released; a file cut short meanwhile is a TruncatedFile, never a SIGBUS."""
-        length = len(self.buffer)
-        if _libc.madvise(self.addr, length, MADV_POPULATE_READ) == 0:
+    def populate(self, start: int = 0, length: int | None = None) -> None:
+        """Makes mapped bytes [start, start + length) resident (all by default; `start` a
+        multiple of the page size), reading from disk what is not cached, with the GIL
+        released; a file cut short meanwhile is a TruncatedFile, never a SIGBUS."""
+        if length is None:
+            length = len(self.buffer) - start
+        if length <= 0:
+            return
+        if _libc.madvise(self.addr + start, length, MADV_POPULATE_READ) == 0:
             return
         code = ctypes.get_errno()
         if code == errno.EINVAL:  # an older kernel: touch one byte per page instead
-            sum(memoryview(self.buffer).cast("B")[::mmap.PAGESIZE])
+            sum(memoryview(self.buffer).cast("B")[start:start + length:mmap.PAGESIZE])
         elif code == errno.EFAULT:
             raise TruncatedFile(f"{self.name}: the file shrank below {self.end} bytes while "
                                 f"it was being loaded")

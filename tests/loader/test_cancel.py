@@ -70,7 +70,7 @@ def _slow_reads(monkeypatch, seconds: float) -> list[int]:
     from warmstart.loader.sources.local import LocalFileSource
 
     in_flight = [0]
-    read = LocalFileSource._read_blocking
+    read = LocalFileSource.read_blocking
 
     def slow(self, offset, target):
         if offset == 0:
@@ -83,7 +83,7 @@ def _slow_reads(monkeypatch, seconds: float) -> list[int]:
         finally:
             in_flight[0] -= 1
 
-    monkeypatch.setattr(LocalFileSource, "_read_blocking", slow)
+    monkeypatch.setattr(LocalFileSource, "read_blocking", slow)
     return in_flight
 
 
