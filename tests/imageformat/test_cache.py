@@ -15,18 +15,17 @@ from warmstart.imageformat.cache import ChunkCache
 from warmstart.imageformat.model import Chunk, Location
 from warmstart.imageformat.pull import plan_ranges
 
+from settle_helpers import wait_until
+
 
 def chunk_of(data: bytes) -> Chunk:
     return Chunk(hashlib.sha256(data).hexdigest(), len(data))
 
 
-def wait_for_waiters(cache: ChunkCache, n: int, deadline_s: float = 60.0) -> None:
-    """Blocks a fetch until `n` other readers have joined its flight (however slowly the
-    machine starts their threads); a generous deadline turns a lost reader into a failure."""
-    deadline = time.monotonic() + deadline_s
-    while cache.stats.waits < n:
-        assert time.monotonic() < deadline, f"only {cache.stats.waits} of {n} readers joined"
-        time.sleep(0.005)
+def wait_for_waiters(cache: ChunkCache, n: int) -> None:
+    """Blocks a fetch until `n` other readers have joined its flight, however slowly the
+    machine starts their threads."""
+    wait_until(lambda: cache.stats.waits >= n, f"{n} readers joined the fetch")
 
 
 def test_single_flight_fetches_once_for_many_readers(tmp_path):

@@ -24,6 +24,8 @@ from warmstart.loader import aload, astream, load
 from warmstart.testing import faultproxy as fp
 from warmstart.testing.checkpoints import make_checkpoint
 
+from settle_helpers import DEADLINE_S, settled, wait_until
+
 BUCKET = "soak"
 URI = f"s3://{BUCKET}/m/"
 BIG_URI = f"s3://{BUCKET}/big/"
@@ -58,21 +60,15 @@ def env(proxy, localbucket, monkeypatch, data):
     return proxy, data, values
 
 
-SETTLE_S = 60  # a generous deadline for "eventually": a clean state returns at once
-
-
 def leftovers(port: int) -> tuple[set[str], int]:
     """Loader threads still alive, and connections still open to the endpoint, once they
     have had time to wind down."""
-    deadline = time.monotonic() + SETTLE_S
-    while True:
-        threads = {t.name for t in threading.enumerate()
-                   if t.name.startswith("warmstart") and not t.name.startswith(
-                       ("warmstart-loop", "warmstart-aux", "warmstart-image"))}
-        socks = sockets_to(port)
-        if (not threads and not socks) or time.monotonic() > deadline:
-            return threads, socks
-        time.sleep(0.05)
+    def sample():
+        return ({t.name for t in threading.enumerate()
+                 if t.name.startswith("warmstart") and not t.name.startswith(
+                     ("warmstart-loop", "warmstart-aux", "warmstart-image"))},
+                sockets_to(port))
+    return settled(sample, lambda s: not s[0] and not s[1])
 
 
 def port_of(proxy) -> int:
@@ -89,13 +85,6 @@ def stall_data(proxy):
     """From now on every ranged GET sends 1000 bytes, then nothing for 5 minutes: a load
     whose reads hit it is in flight for certain, however fast or slow the machine is."""
     return proxy.add_rule(fp.stall(300, after_bytes=1000), ranged=True, name="stall")
-
-
-def wait_until(condition, what: str, deadline_s: float = SETTLE_S) -> None:
-    deadline = time.monotonic() + deadline_s
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting until {what}"
-        time.sleep(0.01)
 
 
 def test_many_concurrent_loads_in_one_process(env):
@@ -168,7 +157,7 @@ def test_asyncio_cancel_mid_s3_load_leaves_nothing(env):
 
     async def main():
         task = asyncio.create_task(aload(URI, config=patient))
-        deadline = time.monotonic() + SETTLE_S
+        deadline = time.monotonic() + DEADLINE_S
         while not stalled.faulted:  # until a read of this load hangs in the proxy
             assert time.monotonic() < deadline and not task.done()
             await asyncio.sleep(0.01)
@@ -207,7 +196,7 @@ def test_cancelled_staged_stream_gives_back_its_ring(env):
     # The abandoned stream's coroutine frames hold the ring in a reference cycle, so it is
     # freed when the cyclic GC runs, which it does at no fixed point: collect here (a known
     # loader limitation, reported), and allow the loader's thread time to unmap it.
-    deadline = time.monotonic() + SETTLE_S
+    deadline = time.monotonic() + DEADLINE_S
     while (after := rss()) - before >= 8 * MiB and time.monotonic() < deadline:
         gc.collect()
         time.sleep(0.05)
