@@ -13,6 +13,8 @@ import torch
 from warmstart.loader import LoaderConfig, astream, stream, sync
 from warmstart.testing.checkpoints import make_checkpoint
 
+from settle_helpers import settled
+
 CFG = LoaderConfig(chunk_size=64 << 10, memory_budget=4 * ((64 << 10) + 8192), concurrency=4,
                    mmap=False)
 
@@ -31,7 +33,7 @@ def _snapshot():
 
 
 def _settled(before):
-    threads, fds = _snapshot()
+    threads, fds = settled(_snapshot, lambda s: s[0] <= before[0] and s[1] <= before[1])
     assert threads <= before[0], f"threads left: {threads - before[0]}"
     assert fds <= before[1], "file descriptors leaked"
 
@@ -49,13 +51,16 @@ def test_consumer_stops_early(ckpt, staged):
 def test_asyncio_cancel_mid_load(ckpt):
     before = _snapshot()
 
+    first = asyncio.Event()
+
     async def consume():
         async for _ in astream(str(ckpt), config=CFG.replace(staged=True)):
-            await asyncio.sleep(0.01)
+            first.set()
+            await asyncio.Event().wait()  # mid-stream until cancelled, on any machine
 
     async def main():
         task = asyncio.create_task(consume())
-        await asyncio.sleep(0.05)
+        await first.wait()
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
@@ -101,8 +106,13 @@ def test_cancel_in_the_tail_frees_the_ring_only_after_reads_end(ckpt, monkeypatc
     cfg = CFG.replace(staged=True)
 
     async def main():
-        with pytest.raises(asyncio.TimeoutError):
-            await asyncio.wait_for(aload(str(ckpt), config=cfg), 0.8)
+        task = asyncio.create_task(aload(str(ckpt), config=cfg))
+        while not in_flight[0]:  # until reads are in flight (any machine takes > 0.5 s each)
+            assert not task.done()
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
 
     asyncio.run(main())
     assert at_free == [0]
@@ -153,8 +163,10 @@ def test_loop_shutdown_mid_read_frees_the_ring_only_after_reads_end(ckpt, monkey
             pass
 
     async def main():
-        asyncio.ensure_future(consume())
-        await asyncio.sleep(0.3)  # reads are in flight; returning cancels all tasks
+        task = asyncio.ensure_future(consume())
+        while not in_flight[0]:  # returning once reads are in flight cancels all tasks
+            assert not task.done()
+            await asyncio.sleep(0.01)
 
     asyncio.run(main())
     assert at_free == [0]

@@ -16,6 +16,8 @@ from warmstart.errors import (BadOffsets, ConfigError, DuplicateTensor, HeaderTo
                               TruncatedFile, WarmstartError)
 from warmstart.loader import LoaderConfig, load, stream, sync
 
+from settle_helpers import settled
+
 
 def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
@@ -27,11 +29,14 @@ def no_leaks():
     before_threads = {t.name for t in threading.enumerate()}
     before_fds = open_fds()
     yield
-    # the sync facade's own loop thread and its helpers live for the process
-    leftover = {t.name for t in threading.enumerate() if not t.name.startswith(
-        ("warmstart-loop", "warmstart-aux"))} - before_threads
+
+    def sample():  # the sync facade's own loop thread and its helpers live for the process
+        return ({t.name for t in threading.enumerate() if not t.name.startswith(
+            ("warmstart-loop", "warmstart-aux"))} - before_threads, open_fds())
+
+    leftover, fds = settled(sample, lambda s: not s[0] and s[1] <= before_fds)
     assert not leftover, f"threads left running: {leftover}"
-    assert open_fds() <= before_fds, "file descriptors leaked"
+    assert fds <= before_fds, "file descriptors leaked"
 
 
 def shard_dir(tmp_path, index: dict, shards: dict[str, dict[str, torch.Tensor]]):

@@ -18,6 +18,8 @@ from warmstart.testing import faultproxy as fp
 from warmstart.testing.checkpoints import make_checkpoint
 from warmstart.testing.faultproxy import FaultProxy
 
+from settle_helpers import settled
+
 BUCKET = "retries"
 CFG = LoaderConfig(chunk_size=256 << 10, memory_budget=4 * ((256 << 10) + 8192),
                    concurrency=4, max_attempts=8, retry_base_delay=0.01, retry_max_delay=0.05,
@@ -75,8 +77,7 @@ def test_too_many_faults_fail_with_a_named_error_in_bounded_time(proxied):
     assert time.monotonic() - started < 30
     message = str(info.value)
     assert f"s3://{BUCKET}/m/" in message and "bytes" in message and "SlowDown" in message
-    time.sleep(0.2)
-    assert threading.active_count() <= threads
+    assert settled(threading.active_count, lambda n: n <= threads) <= threads
 
 
 def test_permanent_error_is_not_retried(proxied):

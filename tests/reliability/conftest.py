@@ -51,7 +51,7 @@ def proxy(localbucket):
 
 def pytest_collection_modifyitems(config, items):
     """Long variants (@pytest.mark.slow) run only when a marker expression is given
-    (`-m slow`, as for tests/vllm); the default run takes the quick ones."""
+    (`-m slow`, as for tests/vllm_plugin_tests); the default run takes the quick ones."""
     if config.getoption("-m"):
         return
     skip = pytest.mark.skip(reason="long variant; run with -m slow")

@@ -8,7 +8,6 @@ on both data paths. docs/RELIABILITY.md holds the full matrix from tests/reliabi
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 import torch
@@ -19,6 +18,8 @@ from warmstart.errors import RetriesExhausted
 from warmstart.loader import load, sync
 from warmstart.loader.sums import write_sidecars
 from warmstart.testing.checkpoints import make_checkpoint
+
+from settle_helpers import settled
 
 BUCKET = "loader-faults"
 URI = f"s3://{BUCKET}/m/"
@@ -44,13 +45,21 @@ def s3(proxy, localbucket, monkeypatch, checkpoint):
     return proxy, checkpoint
 
 
-def _settled() -> tuple[set[str], dict[str, int]]:
-    sync.loop()
-    time.sleep(0.2)  # worker threads of a finished load wind down
+def _snapshot() -> tuple[set[str], dict[str, int]]:
     threads = {t.name for t in threading.enumerate()  # the proxy's own threads aside
                if not t.name.startswith(("warmstart-loop", "warmstart-aux", "faultproxy"))
                and "process_request_thread" not in t.name}
     return threads, open_fds()
+
+
+def _settled(before=None) -> tuple[set[str], dict[str, int]]:
+    """Threads and fds once the worker threads of a finished load have wound down: none of
+    warmstart's left, or (given `before`) no more than then."""
+    sync.loop()
+    if before is None:
+        return settled(_snapshot, lambda s: not any(t.startswith("warmstart") for t in s[0]))
+    return settled(_snapshot, lambda s: s[0] <= before[0]
+                   and s[1].get("file", 0) <= before[1].get("file", 0))
 
 
 @pytest.mark.parametrize("rate", [0.01, 0.1])
@@ -86,10 +95,11 @@ def test_faults_past_the_retry_bound_fail_named_bounded_and_clean(s3, mode):
     bound = EXHAUST_ATTEMPTS * 2 * (QUICK.read_timeout + QUICK.retry_max_delay) + 5
     assert out.seconds < bound, out
     assert out.rss_growth < 32 * MiB, out
-    threads, fds = _settled()
+    threads, fds = _settled(before)
     assert threads <= before[0], f"threads left behind: {threads - before[0]}"
     port = int(proxy.endpoint.rsplit(":", 1)[1])
-    assert sockets_to(port) == 0, "the loader left connections to the S3 endpoint open"
+    assert settled(lambda: sockets_to(port), lambda n: n == 0) == 0, \
+        "the loader left connections to the S3 endpoint open"
     assert fds.get("file", 0) <= before[1].get("file", 0), (fds, before[1])
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import errno
 import os
 import shutil
-import time
 
 import pytest
 import torch
@@ -62,10 +61,11 @@ def test_eio_on_a_range_fails_fast_naming_file_and_offset(ckpt, wrap):
     shard = second_shard(folder)
     made = wrap(shard, lambda s: FailingRange(s, 1 << 20, (1 << 20) + 1))
     load(str(folder), config=CFG, names=[])  # warm up the loop thread
-    before, started = fds(), time.monotonic()
+    before = fds()
     with pytest.raises(SourceError) as info:
         load(str(folder), config=CFG)
-    assert time.monotonic() - started < 10
+    # fast means no retries (a verdict a busy machine cannot change): not a RetriesExhausted,
+    # and the failing range was read at most once per reader
     assert not isinstance(info.value, RetriesExhausted)  # a disk's EIO is not retried
     assert info.value.errno == errno.EIO
     assert shard in str(info.value) and "offset" in str(info.value)

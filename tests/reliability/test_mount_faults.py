@@ -25,6 +25,8 @@ import pytest
 from warmstart.testing import faultproxy as fp
 from warmstart.testing.faultproxy import FaultProxy
 
+from settle_helpers import wait_until
+
 pytest.importorskip("pyfuse3", reason="pyfuse3 is not installed (the [image] extra)")
 from warmstart.imageformat.backends import S3Config  # noqa: E402
 from warmstart.imageformat.convert import convert, push  # noqa: E402
@@ -151,10 +153,10 @@ def test_killed_mount_restarts_on_its_chunk_cache(image, localbucket, tmp_path):
         with mounted(image, proxy.endpoint, localbucket, tmp_path, cache) as (mnt, proc):
             assert read(mnt / "data/f5.bin") == FILES["data/f5.bin"]
             assert read(mnt / "data/f6.bin") == FILES["data/f6.bin"]
-            proxy.add_rule(fp.bandwidth(256 << 10), ranged=True)  # f7 arrives slowly
+            slow = proxy.add_rule(fp.bandwidth(256 << 10), ranged=True)  # f7 arrives slowly
             reader = threading.Thread(target=read, args=(mnt / "data/f7.bin",), daemon=True)
             reader.start()
-            time.sleep(1.0)
+            wait_until(lambda: slow.faulted > 0, "the mount fetches f7")
             proc.kill()  # SIGKILL mid-fetch: no chance to clean up
             proc.wait()
             reader.join(timeout=30)

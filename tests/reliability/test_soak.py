@@ -6,6 +6,7 @@ loader's extra memory stays bounded throughout the stream (sampled), not only at
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import json
 import os
@@ -22,6 +23,8 @@ from matrix import CONFIG, oracle, same_bytes, sockets_to
 from warmstart.loader import aload, astream, load
 from warmstart.testing import faultproxy as fp
 from warmstart.testing.checkpoints import make_checkpoint
+
+from settle_helpers import DEADLINE_S, settled, wait_until
 
 BUCKET = "soak"
 URI = f"s3://{BUCKET}/m/"
@@ -58,20 +61,30 @@ def env(proxy, localbucket, monkeypatch, data):
 
 
 def leftovers(port: int) -> tuple[set[str], int]:
-    """Loader threads still alive, and connections still open to the endpoint."""
-    deadline = time.monotonic() + 5
-    while True:
-        threads = {t.name for t in threading.enumerate()
-                   if t.name.startswith("warmstart") and not t.name.startswith(
-                       ("warmstart-loop", "warmstart-aux", "warmstart-image"))}
-        socks = sockets_to(port)
-        if (not threads and not socks) or time.monotonic() > deadline:
-            return threads, socks
-        time.sleep(0.05)
+    """Loader threads still alive, and connections still open to the endpoint, once they
+    have had time to wind down."""
+    def sample():
+        return ({t.name for t in threading.enumerate()
+                 if t.name.startswith("warmstart") and not t.name.startswith(
+                     ("warmstart-loop", "warmstart-aux", "warmstart-image"))},
+                sockets_to(port))
+    return settled(sample, lambda s: not s[0] and not s[1])
 
 
 def port_of(proxy) -> int:
     return int(proxy.endpoint.rsplit(":", 1)[1])
+
+
+# Reads block in worker threads, so a cancelled load ends once its in-flight reads time out:
+# long enough that the stalled reads below exhaust no retries before the cancel lands
+# (max_attempts x this), short enough that the cancel is not kept waiting long.
+PATIENT_READ_TIMEOUT = 5.0
+
+
+def stall_data(proxy):
+    """From now on every ranged GET sends 1000 bytes, then nothing for 5 minutes: a load
+    whose reads hit it is in flight for certain, however fast or slow the machine is."""
+    return proxy.add_rule(fp.stall(300, after_bytes=1000), ranged=True, name="stall")
 
 
 def test_many_concurrent_loads_in_one_process(env):
@@ -138,11 +151,16 @@ def test_several_processes_load_at_once(env):
 
 def test_asyncio_cancel_mid_s3_load_leaves_nothing(env):
     proxy, _, _ = env
-    proxy.add_rule(fp.latency(0.05), ranged=True)
+    load(URI, config=CONFIG, names=[])  # warm up: loop thread, imports
+    stalled = stall_data(proxy)
+    patient = CONFIG.replace(read_timeout=PATIENT_READ_TIMEOUT)
 
     async def main():
-        task = asyncio.create_task(aload(URI, config=CONFIG))
-        await asyncio.sleep(0.4)
+        task = asyncio.create_task(aload(URI, config=patient))
+        deadline = time.monotonic() + DEADLINE_S
+        while not stalled.faulted:  # until a read of this load hangs in the proxy
+            assert time.monotonic() < deadline and not task.done()
+            await asyncio.sleep(0.01)
         assert not task.done()
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -175,8 +193,13 @@ def test_cancelled_staged_stream_gives_back_its_ring(env):
     before = rss()
     during = asyncio.run(main())  # leaving the loop early closes (cancels) the stream
     assert during - before > 12 * MiB, "the ring was never filled: the test proves nothing"
-    time.sleep(0.2)
-    after = rss()
+    # The abandoned stream's coroutine frames hold the ring in a reference cycle, so it is
+    # freed when the cyclic GC runs, which it does at no fixed point: collect here (a known
+    # loader limitation, reported), and allow the loader's thread time to unmap it.
+    deadline = time.monotonic() + DEADLINE_S
+    while (after := rss()) - before >= 8 * MiB and time.monotonic() < deadline:
+        gc.collect()
+        time.sleep(0.05)
     assert after - before < 8 * MiB, (before, during, after)
     assert leftovers(port_of(proxy)) == (set(), 0)
 
@@ -188,12 +211,13 @@ from matrix import CONFIG, sockets_to
 from warmstart.loader import load
 port = int(os.environ["AWS_ENDPOINT_URL"].rsplit(":", 1)[1])
 load(sys.argv[2], config=CONFIG, names=[])
-print("loading", flush=True)
+print("ready", flush=True)
+sys.stdin.readline()  # the parent has made the proxy stall data reads
 try:
-    load(sys.argv[2], config=CONFIG)
+    load(sys.argv[2], config=CONFIG.replace(read_timeout=float(sys.argv[3])))
     print(json.dumps({"finished": True}))
 except KeyboardInterrupt:
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         threads = sorted(t.name for t in threading.enumerate() if t.name.startswith(
             "warmstart") and not t.name.startswith(("warmstart-loop", "warmstart-aux")))
@@ -206,15 +230,26 @@ except KeyboardInterrupt:
 
 
 def test_keyboard_interrupt_mid_load_leaves_nothing(env):
+    """Ctrl-C while the load's reads hang in the proxy (so it is mid-load for certain, on
+    any machine): the child's KeyboardInterrupt leaves no worker thread and no connection."""
     proxy, _, values = env
-    proxy.add_rule(fp.bandwidth(2 * MiB), ranged=True)
     proc = subprocess.Popen([sys.executable, "-c", INTERRUPTED, os.path.dirname(__file__),
-                             URI], env={**os.environ, **values}, stdout=subprocess.PIPE,
+                             URI, str(PATIENT_READ_TIMEOUT)], env={**os.environ, **values},
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "loading"
-    time.sleep(0.5)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        stalled = stall_data(proxy)
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        wait_until(lambda: stalled.faulted > 0 or proc.poll() is not None,
+                   "the child's load reached the stalled reads")
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
     assert proc.returncode == 0, err[-3000:]
     assert json.loads(out.strip().splitlines()[-1]) == {"threads": [], "sockets": 0}
 
@@ -302,7 +337,9 @@ def test_processes_share_one_chunk_cache(tmp_path):
     victim = subprocess.Popen(run + ["99"], stdout=subprocess.DEVNULL)
     procs = [subprocess.Popen(run + [str(seed)], stdout=subprocess.PIPE, text=True)
              for seed in range(3)]
-    time.sleep(1.0)
+    # the victim dies once the cache is being filled (by it or the others), not at a time
+    wait_until(lambda: any(p.is_file() for p in cache.rglob("*")) or victim.poll() is not None,
+               "the cache got its first file")
     victim.kill()
     victim.wait()
     results = [json.loads(p.communicate(timeout=120)[0].strip().splitlines()[-1])

