@@ -2,34 +2,34 @@
 
 `RegistryClient` has a narrow surface: get a manifest, stream a blob, read a byte range of a
 blob, and (for a registry used as an image store) upload blobs and manifests, list tags and
-ask for referrers. Authentication follows the registry's challenge: anonymous first, then on
-a 401 a Bearer token from the realm it names (with the user's credentials when there are
-any) or Basic credentials (`registry_config.RegistryOptions`, read once from the
-environment). HTTP is stdlib `http.client` on a small pool of
-kept-alive connections; every error is one of warmstart's own (NotFound, AccessDenied,
-Retryable, ...). When the project's shared storage layer lands, `_send` is the one place to
-move onto its data path.
+ask for referrers. What is the registry's own stays here: the API's paths, the auth
+challenge (anonymous first, then on a 401 a Bearer token from the realm it names, with the
+user's credentials when there are any, or Basic credentials; `registry_config` reads them),
+redirects of blob reads to another host (sent without our credentials), and resuming a layer
+stream cut short. The transport is warmstart.storage's: ranged blob reads are
+`http.ranged_get_into` (received straight into the caller's buffer, http or https), other
+requests `request.send` on the same pool; answers map through the one error table
+(401/403 AccessDenied, 404 NotFound, 429/5xx Retryable, no connection EndpointUnreachable) and
+reads are retried by the one retry policy (`RetryPolicy`, `attempt_blocking`).
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
-import http.client
 import json
 import re
-import socket
-import ssl
-import threading
-import time
 import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import BinaryIO
 
-from warmstart.errors import (AccessDenied, DigestMismatch, EndpointUnreachable,
-                              ImageFormatError, NotFound, Retryable, RetriesExhausted,
-                              SourceError)
+from warmstart.errors import (AccessDenied, DigestMismatch, ImageFormatError, NotFound,
+                              RetriesExhausted, Retryable, SourceError)
+from warmstart.storage.http import ConnectionPool, Url, ranged_get_into, tls_context
+from warmstart.storage.request import Answer, send
+from warmstart.storage.retry import RetryPolicy, attempt_blocking
+from warmstart.storage.source import Target
 
 from .registry_config import Credentials, RegistryOptions
 
@@ -39,6 +39,8 @@ MANIFEST_ACCEPT = ", ".join((
     "application/vnd.docker.distribution.manifest.list.v2+json",
     "application/vnd.docker.distribution.manifest.v2+json"))
 MAX_MANIFEST = 4 << 20
+REDIRECTS = (301, 302, 303, 307, 308)
+MAX_HOPS = 6
 
 
 def _challenge(header: str) -> tuple[str, dict[str, str]]:
@@ -47,37 +49,8 @@ def _challenge(header: str) -> tuple[str, dict[str, str]]:
     return scheme.lower(), params
 
 
-class _Response:
-    """A response whose body is read by the caller; its connection goes back to the pool
-    only once the body was read to the end."""
-
-    def __init__(self, client: "RegistryClient", conn, resp: http.client.HTTPResponse) -> None:
-        self.client, self.conn, self.resp = client, conn, resp
-        self.status, self.headers = resp.status, resp.headers
-
-    def read(self, n: int = -1) -> bytes:
-        try:
-            data = self.resp.read(n if n >= 0 else None)
-        except (OSError, http.client.HTTPException) as exc:
-            self.close()
-            raise Retryable(f"{self.client.host}: body cut short ({exc})") from None
-        if not data and n != 0 and self.resp.length:  # closed before its Content-Length
-            missing = self.resp.length
-            self.close()
-            raise Retryable(f"{self.client.host}: body cut short, {missing} bytes missing")
-        return data
-
-    def close(self) -> None:
-        if self.conn is None:
-            return
-        conn, self.conn = self.conn, None
-        if not self.resp.isclosed() and self.resp.length == 0:
-            self.resp.read()  # HEAD, 201 and 204 answers: nothing left to read
-        if (self.resp.isclosed() and not self.resp.will_close
-                and not isinstance(conn, _OneShot)):
-            self.client._release(conn)
-        else:
-            conn.close()
+def _full(url: Url) -> str:
+    return f"{url.scheme}://{url.netloc}{url.target}"
 
 
 class RegistryClient:
@@ -85,63 +58,24 @@ class RegistryClient:
         self.host, self.options = host, options or RegistryOptions()
         self.scheme = "http" if self.options.plain_http else "https"
         self.creds = self.options.auths.get(host, Credentials())
-        self._pool: list[http.client.HTTPConnection] = []
-        self._lock = threading.Lock()
+        tls = None if self.options.plain_http else tls_context(self.options.ca_file)
+        self.pool = ConnectionPool(self.options.timeout, self.options.timeout, tls)
+        self.retry = RetryPolicy(max_attempts=self.options.attempts, base_delay=0.2)
         self._auth: dict[str, str] = {}  # scope -> Authorization header value
-        self._ssl = (ssl.create_default_context(cafile=self.options.ca_file)
-                     if not self.options.plain_http else None)
-
-    # --- connections ------------------------------------------------------------------
-    def _connect(self, host: str, scheme: str):
-        if scheme == "https":
-            return http.client.HTTPSConnection(host, timeout=self.options.timeout,
-                                               context=self._ssl)
-        return http.client.HTTPConnection(host, timeout=self.options.timeout)
-
-    def _acquire(self):
-        with self._lock:
-            if self._pool:
-                return self._pool.pop()
-        return self._connect(self.host, self.scheme)
-
-    def _release(self, conn) -> None:
-        with self._lock:
-            if len(self._pool) < 32:
-                self._pool.append(conn)
-                return
-        conn.close()
 
     def close(self) -> None:
-        with self._lock:
-            pool, self._pool = self._pool, []
-        for conn in pool:
-            conn.close()
+        self.pool.close()
 
-    # --- requests ---------------------------------------------------------------------
-    def _send(self, method: str, url: str, headers: dict, body: bytes | None) -> _Response:
-        """One request; connection failures become Retryable/EndpointUnreachable."""
-        parts = urllib.parse.urlsplit(url)
-        own = parts.netloc == self.host and parts.scheme == self.scheme
-        target = parts.path + (f"?{parts.query}" if parts.query else "")
-        for fresh in (False, True):  # a kept-alive connection may have been closed by then
-            c = (self._acquire() if own and not fresh
-                 else self._connect(parts.netloc, parts.scheme))
-            try:
-                c.request(method, target, body=body, headers=headers)
-                resp = c.getresponse()
-            except (ConnectionRefusedError, socket.gaierror) as exc:
-                c.close()
-                raise EndpointUnreachable(f"{self.host}: cannot connect ({exc})") from None
-            except (OSError, http.client.HTTPException) as exc:
-                c.close()
-                if not fresh and own:
-                    continue
-                raise Retryable(f"{self.host}: {method} {parts.path}: {exc}") from None
-            return _Response(self, c if own else _OneShot(c), resp)
-        raise AssertionError("unreachable")
+    def _url(self, path: str) -> Url:
+        return Url.parse(f"{self.scheme}://{self.host}{path}")
 
+    # --- auth -------------------------------------------------------------------------
     def _scope(self, repo: str, write: bool) -> str:
         return f"repository:{repo}:{'pull,push' if write else 'pull'}"
+
+    def _basic(self) -> str:
+        raw = f"{self.creds.username}:{self.creds.password or ''}".encode()
+        return "Basic " + base64.b64encode(raw).decode()
 
     def _token(self, challenge: str, scope: str) -> str:
         scheme, params = _challenge(challenge)
@@ -149,8 +83,7 @@ class RegistryClient:
             if self.creds.username is None:
                 raise AccessDenied(f"{self.host}: needs credentials (docker login / "
                                    "REGISTRY_AUTH_FILE)")
-            raw = f"{self.creds.username}:{self.creds.password or ''}".encode()
-            return "Basic " + base64.b64encode(raw).decode()
+            return self._basic()
         if scheme != "bearer" or "realm" not in params:
             raise AccessDenied(f"{self.host}: unsupported auth challenge {challenge[:100]!r}")
         query = {"scope": params.get("scope", scope)}
@@ -161,19 +94,19 @@ class RegistryClient:
             raise AccessDenied(f"{self.host}: identity tokens (OAuth2 refresh) are not "
                                "supported; use a username and password")
         if self.creds.username is not None:
-            raw = f"{self.creds.username}:{self.creds.password or ''}".encode()
-            headers["Authorization"] = "Basic " + base64.b64encode(raw).decode()
-        url = params["realm"] + ("&" if "?" in params["realm"] else "?") + \
-            urllib.parse.urlencode(query)
-        resp = self._send("GET", url, headers, None)
-        body = resp.read(1 << 20)
-        resp.close()
-        if resp.status in (401, 403):
+            headers["Authorization"] = self._basic()
+        url = Url.parse(params["realm"] + ("&" if "?" in params["realm"] else "?")
+                        + urllib.parse.urlencode(query))
+        answer = send(self.pool, url, "GET", f"{self.host}: token from {params['realm']}",
+                      headers)
+        body = answer.read(1 << 20)
+        answer.close()
+        if answer.status in (401, 403):
             raise AccessDenied(f"{self.host}: token server {params['realm']} refused "
                                f"{'the credentials' if headers else 'anonymous access'} "
-                               f"({resp.status})")
-        if resp.status != 200:
-            raise SourceError(f"{self.host}: token server answered {resp.status}")
+                               f"({answer.status})")
+        if answer.status != 200:
+            raise SourceError(f"{self.host}: token server answered {answer.status}")
         try:
             doc = json.loads(body)
             token = doc.get("token") or doc.get("access_token")
@@ -183,64 +116,81 @@ class RegistryClient:
             raise SourceError(f"{self.host}: token server sent no token")
         return "Bearer " + token
 
+    # --- requests ---------------------------------------------------------------------
     def request(self, method: str, path: str, *, repo: str, headers: dict | None = None,
                 body: bytes | None = None, ok: tuple[int, ...] = (200,),
-                what: str = "") -> _Response:
-        """Sends `method path`, answering an auth challenge once and retrying transient
-        failures of idempotent requests; redirects are followed (without our credentials
-        when they leave the registry). Returns the response with its body unread."""
+                what: str = "") -> Answer:
+        """Sends `method path`, answering an auth challenge once and following redirects
+        (without our credentials when they leave the registry); reads are retried by the
+        storage retry policy, writes are tried once. Returns the answer, body unread."""
         write = method not in ("GET", "HEAD")
         scope = self._scope(repo, write)
-        what = what or f"{method} {path}"
-        delay = 0.2
-        for attempt in range(self.options.attempts):
-            try:
-                return self._request_once(method, path, scope, headers or {}, body, ok, what)
-            except Retryable as exc:
-                if write or attempt == self.options.attempts - 1:
-                    if attempt:
-                        raise RetriesExhausted(f"{exc} (after {attempt + 1} attempts)") \
-                            from None
-                    raise
-                time.sleep(delay)
-                delay *= 2
-        raise AssertionError("unreachable")
+        what = f"{self.host}: {what or f'{method} {path}'}"
 
-    def _request_once(self, method, path, scope, headers, body, ok, what) -> _Response:
-        url = f"{self.scheme}://{self.host}{path}"
+        def once() -> Answer:
+            return self._request_once(method, path, scope, headers or {}, body or b"", ok,
+                                      what)
+        return once() if write else attempt_blocking(self.retry, what, once)
+
+    def _request_once(self, method, path, scope, headers, body, ok, what) -> Answer:
+        url = self._url(path)
         challenged = False
-        for _hop in range(6):
+        for _hop in range(MAX_HOPS):
             h = dict(headers)
-            own = urllib.parse.urlsplit(url).netloc == self.host
+            own = url.netloc == self.host
             if own and scope in self._auth:
                 h["Authorization"] = self._auth[scope]
-            resp = self._send(method, url, h, body)
-            if resp.status == 401 and own and not challenged:
-                challenge = resp.headers.get("WWW-Authenticate", "")
-                resp.read(1 << 16)
-                resp.close()
+            answer = send(self.pool, url, method, what, h, body)
+            if answer.status == 401 and own and not challenged:
+                challenge = answer.header("WWW-Authenticate")
+                answer.read(1 << 16)
+                answer.close()
                 self._auth[scope] = self._token(challenge, scope)
                 challenged = True
                 continue
-            if resp.status in (301, 302, 303, 307, 308) and method in ("GET", "HEAD"):
-                location = resp.headers.get("Location", "")
-                resp.read(1 << 16)
-                resp.close()
-                url = urllib.parse.urljoin(url, location)
+            if answer.status in REDIRECTS and method in ("GET", "HEAD"):
+                location = answer.header("Location")
+                answer.read(1 << 16)
+                answer.close()
+                url = Url.parse(urllib.parse.urljoin(_full(url), location))
                 continue
-            if resp.status in ok:
-                return resp
-            detail = resp.read(2048).decode("utf-8", "replace").strip().replace("\n", " ")
-            resp.close()
-            msg = f"{self.host}: {what}: HTTP {resp.status} {detail[:300]}".rstrip()
-            if resp.status == 404:
-                raise NotFound(msg)
-            if resp.status in (401, 403):
-                raise AccessDenied(msg)
-            if resp.status == 429 or resp.status >= 500:
-                raise Retryable(msg)
-            raise SourceError(msg)
-        raise SourceError(f"{self.host}: {what}: too many redirects")
+            if answer.status in ok:
+                return answer
+            detail = answer.read(2048).decode("utf-8", "replace").strip().replace("\n", " ")
+            raise answer.error(what, detail[:300])
+        raise SourceError(f"{what}: too many redirects")
+
+    def read_blob_into(self, repo: str, digest: str, offset: int, target: Target) -> None:
+        """Bytes [offset, offset + target.nbytes) of a blob, received into `target` by one
+        ranged GET on the storage data path (retried by its policy)."""
+        scope = self._scope(repo, False)
+        what = f"{self.host}/{repo}: blob {digest} [{offset}, +{target.nbytes})"
+
+        def once() -> None:
+            url = self._url(f"/v2/{repo}/blobs/{digest}")
+            challenged = False
+            for _hop in range(MAX_HOPS):
+                own = url.netloc == self.host
+                headers = {"Authorization": self._auth[scope]} \
+                    if own and scope in self._auth else None
+                try:
+                    ranged_get_into(self.pool, url, offset, target, what, headers)
+                    return
+                except SourceError as exc:
+                    status = getattr(exc, "status", None)
+                    answer = getattr(exc, "headers", None) or {}
+                    if status == 401 and own and not challenged:
+                        challenge = answer.get(b"www-authenticate", b"").decode("latin-1")
+                        self._auth[scope] = self._token(challenge, scope)
+                        challenged = True
+                        continue
+                    if status in REDIRECTS and answer.get(b"location"):
+                        location = answer[b"location"].decode("latin-1")
+                        url = Url.parse(urllib.parse.urljoin(_full(url), location))
+                        continue
+                    raise
+            raise SourceError(f"{what}: too many redirects")
+        attempt_blocking(self.retry, what, once)
 
     # --- the narrow interface -------------------------------------------------------------
     def get_manifest(self, repo: str, ref: str) -> tuple[bytes, str, str]:
@@ -252,10 +202,10 @@ class RegistryClient:
         if len(data) > MAX_MANIFEST:
             raise ImageFormatError(f"{self.host}/{repo}:{ref}: manifest over {MAX_MANIFEST} B")
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
-        said = resp.headers.get("Docker-Content-Digest")
+        said = resp.header("Docker-Content-Digest") or None
         if (ref.startswith("sha256:") and digest != ref) or (said and said != digest):
             raise DigestMismatch(f"{self.host}/{repo}: manifest {ref} hashes to {digest}")
-        media_type = (resp.headers.get("Content-Type") or "").split(";")[0].strip()
+        media_type = resp.header("Content-Type").split(";")[0].strip()
         return data, media_type, digest
 
     @contextmanager
@@ -269,27 +219,11 @@ class RegistryClient:
             stream.close()
 
     def read_blob(self, repo: str, digest: str, offset: int, length: int) -> bytes:
-        """`length` bytes of the blob from `offset`, with one ranged GET (again, with
-        backoff, when its body is cut short)."""
-        delay = 0.2
-        for attempt in range(self.options.attempts):
-            resp = self.request("GET", f"/v2/{repo}/blobs/{digest}", repo=repo, ok=(206,),
-                                headers={"Range": f"bytes={offset}-{offset + length - 1}"},
-                                what=f"blob {digest} [{offset}, +{length})")
-            try:
-                data = resp.read(length + 1)
-                if len(data) != length:
-                    raise Retryable(f"{self.host}/{repo}: blob {digest} at {offset}: "
-                                    f"{len(data)} of {length} bytes")
-                return data
-            except Retryable as exc:
-                if attempt == self.options.attempts - 1:
-                    raise RetriesExhausted(f"{exc} (after {attempt + 1} attempts)") from None
-                time.sleep(delay)
-                delay *= 2
-            finally:
-                resp.close()
-        raise AssertionError("unreachable")
+        """`length` bytes of the blob from `offset` (see `read_blob_into`)."""
+        buf = bytearray(length)
+        if length:
+            self.read_blob_into(repo, digest, offset, Target.of(buf))
+        return bytes(buf)
 
     def blob_exists(self, repo: str, digest: str) -> bool:
         try:
@@ -305,7 +239,7 @@ class RegistryClient:
                             ok=(202,), headers={"Content-Length": "0"}, what="upload")
         resp.read(1 << 16)
         resp.close()
-        location = resp.headers.get("Location")
+        location = resp.header("Location")
         if not location:
             raise SourceError(f"{self.host}/{repo}: upload session has no Location")
         parts = urllib.parse.urlsplit(urllib.parse.urljoin(
@@ -326,7 +260,7 @@ class RegistryClient:
                             what=f"manifest {repo}:{ref}")
         resp.read(1 << 16)
         resp.close()
-        return dict(resp.headers)
+        return {k.decode("latin-1"): v.decode("latin-1") for k, v in resp.headers.items()}
 
     def referrers(self, repo: str, digest: str) -> list[dict] | None:
         """The referrers API's descriptors, or None when the registry has no such API."""
@@ -338,8 +272,7 @@ class RegistryClient:
             return None
         data = resp.read(MAX_MANIFEST + 1)
         resp.close()
-        if "application/vnd.oci.image.index.v1+json" not in resp.headers.get(
-                "Content-Type", ""):
+        if "application/vnd.oci.image.index.v1+json" not in resp.header("Content-Type"):
             return None  # not the API: some registries answer with an HTML or empty page
         try:
             listed = json.loads(data).get("manifests")
@@ -372,7 +305,7 @@ class _BlobStream:
     def read(self, n: int = -1) -> bytes:
         while True:
             try:
-                data = self.resp.read(n)
+                data = self.resp.read(n if n >= 0 else 1 << 62)
             except Retryable as exc:
                 if self.resumes <= 0:
                     raise RetriesExhausted(f"{exc} (blob {self.digest}, resumed "
@@ -388,7 +321,7 @@ class _BlobStream:
         self.resp = self.client.request("GET", self.path, repo=self.repo, ok=(206,),
                                         headers={"Range": f"bytes={self.pos}-"},
                                         what=f"blob {self.digest} from {self.pos}")
-        got = self.resp.headers.get("Content-Range", "")
+        got = self.resp.header("Content-Range")
         if not got.startswith(f"bytes {self.pos}-"):
             self.resp.close()
             raise SourceError(f"{self.client.host}/{self.repo}: blob {self.digest} resumed "
@@ -396,13 +329,3 @@ class _BlobStream:
 
     def close(self) -> None:
         self.resp.close()
-
-
-class _OneShot:
-    """A connection to another host (a redirect's target, a token realm): never pooled."""
-
-    def __init__(self, conn) -> None:
-        self.conn = conn
-
-    def close(self) -> None:
-        self.conn.close()

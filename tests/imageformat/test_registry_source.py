@@ -197,3 +197,82 @@ def test_docker_hub_names_map_to_its_api_host():
     from warmstart.imageformat.registry_config import Reference
     r = Reference.parse("docker://docker.io/python:3.11")
     assert (r.host, r.repo, r.tag) == ("registry-1.docker.io", "library/python", "3.11")
+
+
+class _Front:
+    """A front for the registry on another port, as CDNs and object stores sit behind real
+    registries: blob GETs are redirected (307) to the registry itself, and every other answer
+    is relayed with chunked transfer encoding."""
+
+    def __init__(self, upstream: str) -> None:
+        import http.server
+        import threading
+        import urllib.request
+        front = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *_a) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                if "/blobs/" in self.path:
+                    front.redirected += 1
+                    self.send_response(307)
+                    self.send_header("Location", f"http://{upstream}{self.path}")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                req = urllib.request.Request(f"http://{upstream}{self.path}",
+                                             headers={"Accept": self.headers.get("Accept", "")})
+                try:
+                    with urllib.request.urlopen(req) as r:
+                        status, headers, body = r.status, r.headers, r.read()
+                except urllib.error.HTTPError as e:
+                    status, headers, body = e.code, e.headers, e.read()
+                self.send_response(status)
+                for k in ("Content-Type", "Docker-Content-Digest"):
+                    if headers.get(k):
+                        self.send_header(k, headers[k])
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                for i in range(0, len(body), 100):  # many small chunks
+                    part = body[i:i + 100]
+                    self.wfile.write(f"{len(part):x}\r\n".encode() + part + b"\r\n")
+                self.wfile.write(b"0\r\n\r\n")
+                front.chunked += 1
+
+        self.redirected = self.chunked = 0
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.host = f"127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_redirected_blobs_and_chunked_answers_go_through_the_storage_data_path(
+        registry_images, tmp_path):
+    """Blob reads (streamed layers and ranged reads) follow a registry's redirect to another
+    host, and manifests sent with chunked transfer encoding are read whole."""
+    host = registry_images
+    with ImageStore.open(str(tmp_path / "direct")) as s:
+        want = convert(f"docker://{host}/x:v2", s, "v2", registry=PLAIN).toc_digest
+    front = _Front(host)
+    try:
+        with ImageStore.open(str(tmp_path / "s")) as s:
+            got = convert(f"docker://{front.host}/x:v2", s, "v2", registry=PLAIN)
+        assert got.toc_digest == want and front.redirected >= 1 and front.chunked >= 1
+        direct, via = RegistryClient(host, PLAIN), RegistryClient(front.host, PLAIN)
+        data, _, digest = via.get_manifest("x", "v2")
+        assert data == direct.get_manifest("x", "v2")[0]
+        layer = json.loads(data)["layers"][0]["digest"]
+        before = front.redirected
+        assert via.read_blob("x", layer, 7, 1000) == direct.read_blob("x", layer, 7, 1000)
+        assert front.redirected == before + 1
+        direct.close()
+        via.close()
+    finally:
+        front.close()

@@ -244,7 +244,9 @@ def _receive(sock, status, headers, rest, offset, target: Target, what: str,
                 body += more
         except OSError:
             pass
-        raise error_for_body(status, body, what)
+        exc = error_for_body(status, body, what)
+        exc.status, exc.headers = status, headers  # a caller may answer a challenge or redirect
+        raise exc
     if b"transfer-encoding" in headers:  # permanent: retrying gets the same answer
         raise SourceError(errno.EPROTO, f"{what}: chunked responses are not supported")
     if status == 206:

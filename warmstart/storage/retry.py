@@ -1,6 +1,7 @@
 """The one retry policy: jittered exponential backoff, bounded, per request.
 
 Every object-store call (HEAD, LIST, ranged GET, PUT, multipart part) goes through `attempt`
+(or `attempt_blocking`, its twin for callers on blocking threads)
 with botocore's own retries switched off, so one request is tried at most `max_attempts`
 times in total: no retry loop is nested inside another. Only `Retryable` errors are retried
 (a class, never a message match); the last one is wrapped in `RetriesExhausted`.
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from dataclasses import dataclass
 from typing import Awaitable, Callable, TypeVar
 
@@ -57,6 +59,31 @@ async def attempt(policy: RetryPolicy, what: str, call: Callable[[], Awaitable[T
             pause = policy.delay(n, rng)
             log.debug("%s failed (%s); retry %d in %.2fs", what, exc, n + 1, pause)
             await asyncio.sleep(pause)
+    raise AssertionError("unreachable")
+
+
+def attempt_blocking(policy: RetryPolicy, what: str, call: Callable[[], T],
+                     rng: random.Random | None = None,
+                     on_retry: Callable[[BaseException], None] | None = None,
+                     sleep: Callable[[float], None] = time.sleep) -> T:
+    """`call()` on a thread that may block (a FUSE handler, a registry upload): the same
+    policy, backoff and final error as `attempt`."""
+    rng = rng or random
+    for n in range(policy.max_attempts):
+        try:
+            return call()
+        except Retryable as exc:
+            if policy.max_attempts == 1:
+                raise
+            if n + 1 >= policy.max_attempts:
+                raise RetriesExhausted(
+                    f"{what}: gave up after {policy.max_attempts} attempts; last error: "
+                    f"{exc}") from exc
+            if on_retry is not None:
+                on_retry(exc)
+            pause = policy.delay(n, rng)
+            log.debug("%s failed (%s); retry %d in %.2fs", what, exc, n + 1, pause)
+            sleep(pause)
     raise AssertionError("unreachable")
 
 
