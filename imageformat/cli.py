@@ -1,4 +1,5 @@
-"""`warmstart image convert | push | pull | mount | record | inspect | gc | snapshotter`.
+"""`warmstart image convert | push | pull | mount | record | inspect | gc | snapshotter |
+layer-store`.
 
 STORE is a folder or `s3://bucket/prefix` (S3 settings come from the usual AWS_*
 variables, read once here). REF is a tag, `tag@sha256:...` or a manifest digest. Defaults for
@@ -132,6 +133,24 @@ def build(p: argparse.ArgumentParser) -> None:
     n.add_argument("--auth-file", help="registry credentials (default: $REGISTRY_AUTH_FILE, "
                    "else ~/.docker/config.json)")
 
+    a = sub.add_parser("layer-store", help="serve podman/CRI-O an additional layer store "
+                       "(FUSE, foreground): images with a warmstart twin or store tag "
+                       "start lazily")
+    a.add_argument("dir", help="mount point; storage.conf gets additionallayerstores = "
+                   '["DIR:ref"]')
+    a.add_argument("--store", default=store_default, help="a store whose tags named as "
+                   "the image reference (HOST/REPO:TAG) show that image; without it, or "
+                   "when it has no such tag, the twin in the image's own registry repository")
+    a.add_argument("--cache", default=cache_default, help=f"chunk cache folder (${ENV_CACHE})")
+    a.add_argument("--mounts", help="where the lazy image mounts go (default: CACHE-mounts)")
+    a.add_argument("--platform", help="OS/ARCH[/VARIANT] (default: this machine's)")
+    a.add_argument("--ttl", type=float, default=30.0,
+                   help="seconds an image look-up is kept before asking the registry again")
+    a.add_argument("--plain-http", action="store_true",
+                   help="talk http:// to registries (local registries)")
+    a.add_argument("--auth-file", help="registry credentials (default: $REGISTRY_AUTH_FILE, "
+                   "else ~/.docker/config.json)")
+
     g = sub.add_parser("gc", help="delete blobs no tagged image references")
     with_store(g)
     g.add_argument("--dry-run", action="store_true")
@@ -220,6 +239,9 @@ def run(args: argparse.Namespace) -> int:
             os.path.abspath(args.root), _registry(args), parse_platform(args.platform),
             tuple(_registry_args(args)))
         serve_snapshots(args.socket, args.root, lazy)
+    elif args.cmd == "layer-store":
+        from . import layerstore_fs
+        return layerstore_fs.run(args, _registry(args), tuple(_registry_args(args)))
     elif args.cmd == "gc":
         with _open(args.store, args) as store:
             doomed = store.gc(dry_run=args.dry_run)
