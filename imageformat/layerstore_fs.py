@@ -39,7 +39,10 @@ from .layerstore import LazyImage, decode_reference, layer_info
 
 log = logging.getLogger("warmstart.imageformat.layerstore")
 
-OPTIONS = ("fsname=warmstart-layers", "subtype=warmstart", "ro", "nosuid", "nodev")
+# not "ro": containers-storage tells the store it uses (and releases) a layer by creating
+# a `use` file in the layer's folder and rmdir-ing the folder (`create`, `rmdir`); every other
+# write is refused
+OPTIONS = ("fsname=warmstart-layers", "subtype=warmstart", "nosuid", "nodev")
 FOUND_TIMEOUT = 3600.0
 
 
@@ -77,6 +80,7 @@ class LayerStoreFS(pyfuse3.Operations):
         self.looked_up: dict[str, tuple[float, LazyImage | None]] = {}
         self.checks: dict[int, _BlobCheck] = {}
         self.next_ino = pyfuse3.ROOT_INODE + 1
+        self.uses: dict[tuple[str, str], int] = {}  # (reference, layer) -> podman's uses
         self.now = time.monotonic
 
     # --- the tree -------------------------------------------------------------------
@@ -211,11 +215,41 @@ class LayerStoreFS(pyfuse3.Operations):
         s.f_namemax = 255
         return s
 
+    # --- use / release notices ------------------------------------------------------
+    def _count(self, layer_ino: int | None, delta: int) -> None:
+        n = self.nodes.get(layer_ino) if layer_ino is not None else None
+        if n is None or n.kind != "layer" or n.image is None:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        key = (n.image.reference, n.digest)
+        with self.lock:
+            self.uses[key] = max(self.uses.get(key, 0) + delta, 0)
+            count = self.uses[key]
+        log.info("%s %s: %s (in use %d)", n.image.reference, n.digest,
+                 "use" if delta > 0 else "release", count)
+
+    async def create(self, parent_inode, name, mode, flags, ctx):
+        """containers-storage says it uses a layer by creating `use` in the layer's folder,
+        and that it stops by rmdir-ing the folder; a store that counts these answers ENOENT
+        to both (anything else makes podman warn that the store does not collect garbage)."""
+        if name != b"use":
+            raise pyfuse3.FUSEError(errno.EROFS)
+        self._count(parent_inode, +1)
+        raise pyfuse3.FUSEError(errno.ENOENT)
+
+    async def rmdir(self, parent_inode, name, ctx):
+        with self.lock:
+            ino = self.by_name.get((parent_inode, name))
+        self._count(ino, -1)
+        raise pyfuse3.FUSEError(errno.ENOENT)
+
+    async def mkdir(self, parent_inode, name, mode, ctx):
+        raise pyfuse3.FUSEError(errno.EROFS)
+
     # --- data -----------------------------------------------------------------------
     async def open(self, inode, flags, ctx):
+        n = self.nodes.get(inode)
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
             raise pyfuse3.FUSEError(errno.EROFS)
-        n = self.nodes.get(inode)
         if n is None or n.kind not in ("info", "blob"):
             raise pyfuse3.FUSEError(errno.EISDIR)
         return pyfuse3.FileInfo(fh=inode, keep_cache=True)

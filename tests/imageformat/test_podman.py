@@ -142,7 +142,8 @@ def test_podman_pulls_nothing_and_runs_from_the_layer_store(twin_v2, tmp_path):
         store.stop()
         raise
     try:
-        lazy("pull", "--tls-verify=false", ref)
+        pulled = lazy("pull", "--tls-verify=false", ref)
+        assert "Additional Layer Store" not in pulled.stderr  # use/release notices taken
         # every layer of the pulled image is the layer store's (nothing was unpacked)
         diffs = _layer_diffs(tmp_path / "lazy")
         prefix = os.path.join(store.dir, encode_reference(ref))
@@ -153,6 +154,9 @@ def test_podman_pulls_nothing_and_runs_from_the_layer_store(twin_v2, tmp_path):
         info = json.loads(open(f"{prefix}/{layers[0]}/info").read())
         assert info["compressed-diff-digest"] == layers[0]
         assert info["diff-digest"].startswith("sha256:") and info["diff-digest"] != layers[0]
+        import hashlib
+        with open(f"{prefix}/{layers[0]}/blob", "rb") as f:  # the registry's blob, verified
+            assert "sha256:" + hashlib.sha256(f.read()).hexdigest() == layers[0]
         out = lazy.run(ref, "/usr/bin/python3", "-c",
                        "print(open('/etc/os-release').read().strip())")
         assert 'VERSION="2"' in out
@@ -169,6 +173,23 @@ def test_podman_pulls_nothing_and_runs_from_the_layer_store(twin_v2, tmp_path):
         plain.reset()
         store.stop()
     assert not os.path.ismount(store.dir)
+    assert not os.path.ismount(top)  # the lazy mount went with the store
+
+
+def test_an_image_without_a_twin_is_not_in_the_store(registry, oci_layout, tmp_path):
+    host, _ = registry
+    subprocess.run(["skopeo", "--insecure-policy", "copy", "--dest-tls-verify=false",
+                    f"oci:{oci_layout}:v1", f"docker://{host}/podman-plain:v1"], check=True,
+                   capture_output=True, timeout=120)
+    store = LayerStore(tmp_path)
+    try:
+        assert not os.path.exists(os.path.join(store.dir, encode_reference(
+            f"{host}/podman-plain:v1")))
+        assert not os.path.exists(os.path.join(store.dir, "not base64!"))
+        assert os.listdir(store.dir) == []
+    finally:
+        store.stop()
+    assert "no lazy layers" in store.text()
 
 
 def test_layer_diff_digests_are_the_twins_own():
