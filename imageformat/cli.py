@@ -113,6 +113,15 @@ def build(p: argparse.ArgumentParser) -> None:
     r.add_argument("--containerd", metavar="SOCKET",
                    help="start CMD as a container through this containerd (root only): "
                    "runc runs it on an overlay over the recording mount")
+    r.add_argument("--podman", action="store_true",
+                   help="start CMD as a container with podman (podman run --rootfs "
+                   "MOUNT:O; root only)")
+    r.add_argument("--podman-arg", action="append", default=[], metavar="ARG",
+                   help="a global podman flag for --podman, e.g. --podman-arg=--runtime=runc "
+                   "(repeat as needed)")
+    r.add_argument("--podman-run-arg", action="append", default=[], metavar="ARG",
+                   help="a `podman run` flag for --podman, e.g. "
+                   "--podman-run-arg=--ulimit=nofile=20000:20000")
     r.add_argument("--timeout", type=float, default=600)
 
     i = sub.add_parser("inspect", help="show an image's manifest, sizes and profile")
@@ -263,6 +272,10 @@ def _record(args: argparse.Namespace) -> int:
         try:
             if args.containerd:
                 rc = _run_in_containerd(args.containerd, mnt, tmp, cmd, args.timeout)
+            elif args.podman:
+                from .record_podman import run_in_podman
+                rc = run_in_podman(mnt, cmd, args.podman_arg, args.podman_run_arg,
+                                   args.timeout)
             else:
                 full = ([c.replace("{mount}", mnt) for c in cmd] if args.no_chroot
                         else ["chroot", mnt, *cmd])

@@ -198,3 +198,55 @@ def test_layer_diff_digests_are_the_twins_own():
     d1 = layer_diff_digest("sha256:" + "a" * 64, a)
     assert d1 == layer_diff_digest("sha256:" + "a" * 64, a)
     assert d1 != layer_diff_digest("sha256:" + "b" * 64, a)
+
+
+PODMAN_GLOBAL = ["--podman-arg=--runtime=runc", "--podman-arg=--cgroup-manager=cgroupfs",
+                 "--podman-arg=--events-backend=file"]
+PODMAN_RUN = ["--podman-run-arg=--ulimit=nofile=20000:20000",
+              "--podman-run-arg=--ulimit=nproc=4096:4096"]
+
+
+def test_a_profile_recorded_by_podman_is_prefetched_when_podman_pulls(
+        registry_images, tmp_path, capsys, monkeypatch):
+    """`record --podman`: the start-up runs as a podman container over the recording mount;
+    a fresh layer store's lazy mount then fetches the profile's chunks as soon as podman
+    pulls, before any container reads a byte."""
+    from warmstart.cli import main
+    host = registry_images
+    subprocess.run(["skopeo", "--insecure-policy", "copy", "--src-tls-verify=false",
+                    "--dest-tls-verify=false", f"docker://{host}/x:v2",
+                    f"docker://{host}/podrec:v2"], check=True, capture_output=True, timeout=120)
+    uri = f"docker://{host}/podrec"
+    with RegistryStore.open_registry(uri, PLAIN) as s:
+        convert(f"docker://{host}/podrec:v2", s, "v2", registry=PLAIN)
+    recorder = Podman(tmp_path / "recorder", None)  # its own storage, not the machine's
+    monkeypatch.setenv("CONTAINERS_STORAGE_CONF", recorder.env["CONTAINERS_STORAGE_CONF"])
+    try:
+        rc = main(["image", "record", "v2", "--store", uri, "--plain-http", "--podman",
+                   *PODMAN_GLOBAL, *PODMAN_RUN, "--", "/usr/bin/python3", "-c",
+                   "import json; print(json.dumps(1))"])
+    finally:
+        recorder.reset()
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rc == 0 and out["chunks"] > 0
+    with RegistryStore.open_registry(uri, PLAIN) as s:
+        image = s.open_image("v2")
+    assert image.profile is not None and image.digest == out["digest"]
+    by_path = {c.digest: e.path for e in image.toc.entries for c in e.chunks}
+    read = [by_path[d] for d in image.profile.chunks]
+    assert read.index("usr/bin/python3.11") < read.index("usr/lib/python3.11/json/__init__.py")
+
+    store = LayerStore(tmp_path)
+    node = Podman(tmp_path / "node", store.dir)
+    try:
+        node("pull", "--tls-verify=false", f"{host}/podrec:v2")
+        want = {os.path.join(store.cache, d[:2], d) for d in image.profile.chunks}
+        deadline = time.monotonic() + 60
+        while not all(os.path.isfile(p) for p in want) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert all(os.path.isfile(p) for p in want)  # prefetched before anything ran
+        assert node.run(f"{host}/podrec:v2", "/usr/bin/python3", "-c",
+                        "print('from the profile')").strip() == "from the profile"
+    finally:
+        node.reset()
+        store.stop()
