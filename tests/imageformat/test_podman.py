@@ -89,13 +89,13 @@ runroot = "{self.runroot}"
 
 
 class LayerStore:
-    def __init__(self, base) -> None:
+    def __init__(self, base, *extra: str) -> None:
         self.dir = str(base / "layers")
         self.cache = str(base / "cache")
         self.log = open(base / "layer-store.log", "w+b")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "warmstart.imageformat.cli", "layer-store", self.dir,
-             "--cache", self.cache, "--plain-http"], stdout=self.log, stderr=self.log,
+             "--cache", self.cache, "--plain-http", *extra], stdout=self.log, stderr=self.log,
             env=dict(os.environ, WARMSTART_LOG="INFO"))
         deadline = time.monotonic() + 60
         while not os.path.ismount(self.dir):
@@ -250,3 +250,31 @@ def test_a_profile_recorded_by_podman_is_prefetched_when_podman_pulls(
     finally:
         node.reset()
         store.stop()
+
+
+def test_a_store_tag_named_as_the_reference_shows_the_image(registry_images, tmp_path):
+    """A folder store tagged `HOST/REPO:TAG`: that image shows the registry image, provided
+    its subject is the registry's manifest (a conversion of another image is refused)."""
+    from warmstart.imageformat.store import ImageStore
+    host = registry_images
+    folder = str(tmp_path / "store")
+    with ImageStore.open(folder) as s:
+        convert(f"docker://{host}/x:v1", s, f"{host}/x:v1", registry=PLAIN)
+        convert(f"docker://{host}/x:v1", s, f"{host}/x:v2", registry=PLAIN)  # wrong subject
+        tagged = s.tags()[f"{host}/x:v1"]
+    with RegistryStore.open_registry(f"docker://{host}/x", PLAIN) as r:
+        v1 = [d["digest"] for d in json.loads(r.client.get_manifest("x", "v1")[0])["layers"]]
+        v2 = [d["digest"] for d in json.loads(r.client.get_manifest("x", "v2")[0])["layers"]]
+    store = LayerStore(tmp_path, "--store", folder)
+    try:
+        top = os.path.join(store.dir, encode_reference(f"{host}/x:v1"), v1[-1], "diff")
+        assert os.path.isdir(top) and os.path.ismount(os.path.realpath(top))
+        assert tagged.split(":", 1)[1] in os.path.realpath(top)  # the store's image, mounted
+        assert os.path.isfile(os.path.join(os.path.realpath(top), "usr/bin/python3.11"))
+        # x:v2's tag holds a conversion of x:v1: refused (not shown, and not replaced by
+        # a registry twin either: a wrong tag is an error to see, not to paper over)
+        assert not os.path.exists(os.path.join(store.dir, encode_reference(f"{host}/x:v2"),
+                                               v2[-1]))
+    finally:
+        store.stop()
+    assert "is not a conversion of" in store.text()
