@@ -100,6 +100,8 @@ def build(p: argparse.ArgumentParser) -> None:
     m.add_argument("--cache-size", type=_size, default=8 << 30)
     m.add_argument("--no-prefetch", action="store_true")
     m.add_argument("--record", metavar="FILE", help="write the chunks read as a profile")
+    m.add_argument("--map-user", metavar="USER", help="show owners as rootless podman run "
+                   "by USER maps them (0 -> USER, 1.. -> its /etc/subuid range)")
     m.add_argument("--throttle", type=_size, metavar="BYTES_PER_S",
                    help="simulate a slower network (benchmarks), e.g. 150M")
 
@@ -153,6 +155,8 @@ def build(p: argparse.ArgumentParser) -> None:
     a.add_argument("--cache", default=cache_default, help=f"chunk cache folder (${ENV_CACHE})")
     a.add_argument("--mounts", help="where the lazy image mounts go (default: CACHE-mounts)")
     a.add_argument("--platform", help="OS/ARCH[/VARIANT] (default: this machine's)")
+    a.add_argument("--map-user", metavar="USER", help="serve rootless podman run by USER "
+                   "(Ray's image_uri): owners shown as its user namespace maps them")
     a.add_argument("--ttl", type=float, default=30.0,
                    help="seconds an image look-up is kept before asking the registry again")
     a.add_argument("--plain-http", action="store_true",
@@ -233,7 +237,7 @@ def run(args: argparse.Namespace) -> int:
     elif args.cmd == "mount":
         from .mount import MountOptions, serve
         opts = MountOptions(args.cache, args.cache_size, not args.no_prefetch,
-                            record_path=args.record)
+                            record_path=args.record, map_user=args.map_user)
         with _open(args.store, args, args.throttle) as store:
             stats = serve(store, args.ref, args.mountpoint, opts)
         print(json.dumps(stats), file=sys.stderr)
@@ -250,7 +254,9 @@ def run(args: argparse.Namespace) -> int:
         serve_snapshots(args.socket, args.root, lazy)
     elif args.cmd == "layer-store":
         from . import layerstore_fs
-        return layerstore_fs.run(args, _registry(args), tuple(_registry_args(args)))
+        mount_args = tuple(_registry_args(args)) + (
+            ("--map-user", args.map_user) if args.map_user else ())
+        return layerstore_fs.run(args, _registry(args), mount_args)
     elif args.cmd == "gc":
         with _open(args.store, args) as store:
             doomed = store.gc(dry_run=args.dry_run)
