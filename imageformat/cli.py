@@ -1,4 +1,5 @@
-"""`warmstart image convert | push | pull | mount | record | inspect | gc | snapshotter`.
+"""`warmstart image convert | push | pull | mount | record | inspect | gc | snapshotter |
+layer-store`.
 
 STORE is a folder or `s3://bucket/prefix` (S3 settings come from the usual AWS_*
 variables, read once here). REF is a tag, `tag@sha256:...` or a manifest digest. Defaults for
@@ -97,6 +98,8 @@ def build(p: argparse.ArgumentParser) -> None:
     m.add_argument("--cache-size", type=_size, default=8 << 30)
     m.add_argument("--no-prefetch", action="store_true")
     m.add_argument("--record", metavar="FILE", help="write the chunks read as a profile")
+    m.add_argument("--map-user", metavar="USER", help="show owners as rootless podman run "
+                   "by USER maps them (0 -> USER, 1.. -> its /etc/subuid range)")
     m.add_argument("--throttle", type=_size, metavar="BYTES_PER_S",
                    help="simulate a slower network (benchmarks), e.g. 150M")
 
@@ -110,6 +113,15 @@ def build(p: argparse.ArgumentParser) -> None:
     r.add_argument("--containerd", metavar="SOCKET",
                    help="start CMD as a container through this containerd (root only): "
                    "runc runs it on an overlay over the recording mount")
+    r.add_argument("--podman", action="store_true",
+                   help="start CMD as a container with podman (podman run --rootfs "
+                   "MOUNT:O; root only)")
+    r.add_argument("--podman-arg", action="append", default=[], metavar="ARG",
+                   help="a global podman flag for --podman, e.g. --podman-arg=--runtime=runc "
+                   "(repeat as needed)")
+    r.add_argument("--podman-run-arg", action="append", default=[], metavar="ARG",
+                   help="a `podman run` flag for --podman, e.g. "
+                   "--podman-run-arg=--ulimit=nofile=20000:20000")
     r.add_argument("--timeout", type=float, default=600)
 
     i = sub.add_parser("inspect", help="show an image's manifest, sizes and profile")
@@ -128,6 +140,26 @@ def build(p: argparse.ArgumentParser) -> None:
     n.add_argument("--plain-http", action="store_true",
                    help="talk http:// to registries (local registries)")
     n.add_argument("--auth-file", help="registry credentials (default: $REGISTRY_AUTH_FILE, "
+                   "else ~/.docker/config.json)")
+
+    a = sub.add_parser("layer-store", help="serve podman/CRI-O an additional layer store "
+                       "(FUSE, foreground): images with a warmstart twin or store tag "
+                       "start lazily")
+    a.add_argument("dir", help="mount point; storage.conf gets additionallayerstores = "
+                   '["DIR:ref"]')
+    a.add_argument("--store", default=store_default, help="a store whose tags named as "
+                   "the image reference (HOST/REPO:TAG) show that image; without it, or "
+                   "when it has no such tag, the twin in the image's own registry repository")
+    a.add_argument("--cache", default=cache_default, help=f"chunk cache folder (${ENV_CACHE})")
+    a.add_argument("--mounts", help="where the lazy image mounts go (default: CACHE-mounts)")
+    a.add_argument("--platform", help="OS/ARCH[/VARIANT] (default: this machine's)")
+    a.add_argument("--map-user", metavar="USER", help="serve rootless podman run by USER "
+                   "(Ray's image_uri): owners shown as its user namespace maps them")
+    a.add_argument("--ttl", type=float, default=30.0,
+                   help="seconds an image look-up is kept before asking the registry again")
+    a.add_argument("--plain-http", action="store_true",
+                   help="talk http:// to registries (local registries)")
+    a.add_argument("--auth-file", help="registry credentials (default: $REGISTRY_AUTH_FILE, "
                    "else ~/.docker/config.json)")
 
     g = sub.add_parser("gc", help="delete blobs no tagged image references")
@@ -203,7 +235,7 @@ def run(args: argparse.Namespace) -> int:
     elif args.cmd == "mount":
         from .mount import MountOptions, serve
         opts = MountOptions(args.cache, args.cache_size, not args.no_prefetch,
-                            record_path=args.record)
+                            record_path=args.record, map_user=args.map_user)
         with _open(args.store, args, args.throttle) as store:
             stats = serve(store, args.ref, args.mountpoint, opts)
         print(json.dumps(stats), file=sys.stderr)
@@ -218,6 +250,11 @@ def run(args: argparse.Namespace) -> int:
             os.path.abspath(args.root), _registry(args), parse_platform(args.platform),
             tuple(_registry_args(args)))
         serve_snapshots(args.socket, args.root, lazy)
+    elif args.cmd == "layer-store":
+        from . import layerstore_fs
+        mount_args = tuple(_registry_args(args)) + (
+            ("--map-user", args.map_user) if args.map_user else ())
+        return layerstore_fs.run(args, _registry(args), mount_args)
     elif args.cmd == "gc":
         with _open(args.store, args) as store:
             doomed = store.gc(dry_run=args.dry_run)
@@ -239,6 +276,10 @@ def _record(args: argparse.Namespace) -> int:
         try:
             if args.containerd:
                 rc = _run_in_containerd(args.containerd, mnt, tmp, cmd, args.timeout)
+            elif args.podman:
+                from .record_podman import run_in_podman
+                rc = run_in_podman(mnt, cmd, args.podman_arg, args.podman_run_arg,
+                                   args.timeout)
             else:
                 full = ([c.replace("{mount}", mnt) for c in cmd] if args.no_chroot
                         else ["chroot", mnt, *cmd])

@@ -34,8 +34,10 @@ class ImageFS(pyfuse3.Operations):
 
     def __init__(self, entries: tuple[Entry, ...], cache: ChunkCache,
                  fetch: Callable[[Chunk], bytes], record: bool = False,
-                 threads: int = 16) -> None:
+                 threads: int = 16,
+                 owner: Callable[[int, int], tuple[int, int]] | None = None) -> None:
         super().__init__()
+        self.owner = owner or (lambda uid, gid: (uid, gid))  # rootless: see idmap.py
         self.cache, self.fetch = cache, fetch
         self.limiter = trio.CapacityLimiter(threads)
         self.record_lock = threading.Lock()
@@ -81,7 +83,7 @@ class ImageFS(pyfuse3.Operations):
         a.entry_timeout = a.attr_timeout = TIMEOUT
         a.st_mode = _TYPE_BITS[e.type] | e.mode
         a.st_nlink = self.nlink.get(ino, 1)
-        a.st_uid, a.st_gid = e.uid, e.gid
+        a.st_uid, a.st_gid = self.owner(e.uid, e.gid)
         a.st_rdev = os.makedev(e.devmajor, e.devminor) if e.type in ("char", "block") else 0
         a.st_size = e.size if e.type == "reg" else (
             len(os.fsencode(e.target)) if e.type == "symlink" else 0)

@@ -48,6 +48,7 @@ class MountOptions:
     read_ahead_kb: int = 1024
     threads: int = 16
     fetch_timeout: float = 120.0
+    map_user: str | None = None  # show owners as rootless podman maps them for this user
 
 
 def _fetcher(store: ImageStore, image: Image, timeout: float):
@@ -88,8 +89,12 @@ def _prefetch(fs: ImageFS, profile: Profile, chunks: dict[str, Chunk], threads: 
 def serve(store: ImageStore, ref: str, mountpoint: str, opts: MountOptions) -> dict:
     image = store.open_image(ref)
     cache = ChunkCache(opts.cache_dir, opts.cache_bytes)
+    owner = None
+    if opts.map_user:
+        from .idmap import rootless_map
+        owner = rootless_map(opts.map_user).owner
     fs = ImageFS(image.toc.entries, cache, _fetcher(store, image, opts.fetch_timeout),
-                 record=opts.record_path is not None, threads=opts.threads)
+                 record=opts.record_path is not None, threads=opts.threads, owner=owner)
     options = set(MOUNT_OPTIONS)
     if os.geteuid() == 0:
         options.add("allow_other")  # containers run as other users; non-root needs fuse.conf

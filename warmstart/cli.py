@@ -1,6 +1,7 @@
 """The `warmstart` command: `load` (stream a checkpoint and report), `sums` (block-sums
 sidecars for verified loads), `bench` (the
-side-by-side benchmark harness), `image` (chunked container images)."""
+side-by-side benchmark harness), `image` (chunked container images), `ray-node`
+(podman set-up for Ray's image_uri)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ SUBCOMMANDS = {
               "people use today (embedded default: generated model + local S3 server)"),
     "image": ("warmstart.imageformat.cli", "convert, push, pull, mount and inspect chunked "
               "container images"),
+    "ray-node": ("warmstart.ray_serve.node_setup", "set a node up for Ray's image_uri with "
+                 "the warmstart layer store (podman)"),
 }
 
 
