@@ -15,7 +15,7 @@ import torch
 
 from warmstart.errors import ConfigError, CudaUnavailable
 from warmstart.loader import sync
-from warmstart.loader.checkpoint import open_checkpoint
+from warmstart.loader.checkpoint import SourceWrapper, open_checkpoint
 from warmstart.loader.config import LoaderConfig
 from warmstart.loader.copy import CudaCopyEngine, HostCopyEngine
 from warmstart.loader.header import DTYPES
@@ -67,11 +67,14 @@ async def astream(uri: str, device: str | torch.device = "cpu", *,
                   config: LoaderConfig | None = None,
                   progress: Progress | None = None,
                   _groups_ahead: int | None = STREAM_GROUPS_AHEAD,
+                  wrap_source: SourceWrapper | None = None,
                   **options) -> AsyncIterator[tuple[str, torch.Tensor]]:
     """Yields `(name, tensor)` as soon as each tensor's bytes have fully landed on `device`.
 
     `names` restricts the load to those tensors; `dtype` casts floating-point tensors.
     `options` override fields of `config` (e.g. `memory_budget="128MiB", concurrency=8`).
+    `wrap_source(source) -> Source` wraps every file's source (e.g. the Ray node gateway's
+    gate that waits until a piece of a file being filled has landed).
     """
     cfg = resolve_config(config, options)
     dev = _device(device)
@@ -82,7 +85,7 @@ async def astream(uri: str, device: str | torch.device = "cpu", *,
         # Registered after the sources' stack, so it runs first (LIFO): sources close only
         # once no worker thread can still be reading from them.
         stack.push_async_callback(asyncio.to_thread, checkpoint_executor.shutdown, True)
-        ckpt = await open_checkpoint(uri, cfg, checkpoint_executor, inner)
+        ckpt = await open_checkpoint(uri, cfg, checkpoint_executor, inner, wrap_source)
         headers = [f.header for f in ckpt.files]
         mapped = mappable([f.source for f in ckpt.files], headers, dev, cfg)
         if mapped is not None:  # local, cached, for the CPU: views of the files, no copy
@@ -195,11 +198,13 @@ def _log_done(count: int, nbytes: int, uri: str, dev: torch.device, started: flo
 async def aload(uri: str, device: str | torch.device = "cpu", *,
                 names: Iterable[str] | None = None, dtype: torch.dtype | None = None,
                 config: LoaderConfig | None = None,
-                progress: Progress | None = None, **options) -> dict[str, torch.Tensor]:
+                progress: Progress | None = None, wrap_source: SourceWrapper | None = None,
+                **options) -> dict[str, torch.Tensor]:
     """Loads every (or each named) tensor; returns only once all of them have landed."""
     out: dict[str, torch.Tensor] = {}
     async for name, tensor in astream(uri, device, names=names, dtype=dtype, config=config,
-                                      progress=progress, _groups_ahead=None, **options):
+                                      progress=progress, _groups_ahead=None,
+                                      wrap_source=wrap_source, **options):
         out[name] = tensor
     return out
 
@@ -207,20 +212,22 @@ async def aload(uri: str, device: str | torch.device = "cpu", *,
 def load(uri: str, device: str | torch.device = "cpu", *,
          names: Iterable[str] | None = None, dtype: torch.dtype | None = None,
          config: LoaderConfig | None = None,
-         progress: Progress | None = None, **options) -> dict[str, torch.Tensor]:
+         progress: Progress | None = None, wrap_source: SourceWrapper | None = None,
+         **options) -> dict[str, torch.Tensor]:
     """Sync `aload`, run on warmstart's own I/O thread (safe inside a running event loop)."""
     # Resolved here: a bare "cuda" means the caller thread's current device, not the one
     # warmstart's loop thread happens to have.
     cfg = resolve_config(config, options)  # bad options fail here, on the caller's thread
     return sync.run(aload(uri, _device(device), names=names, dtype=dtype, config=cfg,
-                          progress=progress))
+                          progress=progress, wrap_source=wrap_source))
 
 
 def stream(uri: str, device: str | torch.device = "cpu", *,
            names: Iterable[str] | None = None, dtype: torch.dtype | None = None,
            config: LoaderConfig | None = None,
-           progress: Progress | None = None, **options) -> Iterator[tuple[str, torch.Tensor]]:
+           progress: Progress | None = None, wrap_source: SourceWrapper | None = None,
+           **options) -> Iterator[tuple[str, torch.Tensor]]:
     """Sync `astream`: yields `(name, tensor)` as each tensor lands."""
     cfg = resolve_config(config, options)
     return sync.iterate(astream(uri, _device(device), names=names, dtype=dtype,
-                                config=cfg, progress=progress))
+                                config=cfg, progress=progress, wrap_source=wrap_source))
