@@ -19,6 +19,7 @@ A gateway restarted on a warm node re-checks the recorded pieces against their d
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import posixpath
@@ -51,6 +52,7 @@ class _Object:
     file: LandedFile
     ready: dict[int, str] = field(default_factory=dict)  # index -> digest
     failed: dict[int, BaseException] = field(default_factory=dict)
+    started: set[int] = field(default_factory=set)  # being landed by some thread
 
 
 @dataclass(frozen=True)
@@ -84,11 +86,10 @@ class Gateway:
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._inflight: dict[tuple[ObjectId, int], Future] = {}
-        self._objects: dict[str, _Object] = {}  # local path -> object
+        self._objects: dict[str, _Object] = {}  # path in a version folder -> object
         self._by_id: dict[ObjectId, _Object] = {}
         self._participants: dict[ObjectId, tuple[str, ...]] = {}
         self._failed_peers: set[str] = set()
-        self._versions: dict[tuple[str, ...], str] = {}
         self._workers = ThreadPoolExecutor(max(settings.prefetch, 1),
                                            thread_name_prefix="warmstart-landing")
         self.counters = {"s3_bytes": 0, "peer_bytes": 0, "cache_bytes": 0,
@@ -150,45 +151,56 @@ class Gateway:
         version = landing.version_name([(o.key, o.size, o.etag) for o in objects])
         folder = os.path.join(self.root, version)
         with self._lock:
-            active = set(self._versions.values()) | {version}
-        need = sum(o.size for o in objects)
-        landing.evict(self.root, active, need, self.settings.cache_size)
+            active = {landing.object_name(o) for o in self._by_id} | \
+                {landing.object_name(o) for o in objects}
+        landing.evict(self.root, active, sum(o.size for o in objects),
+                      self.settings.cache_size)
         landing.private_dir(folder)
         os.utime(folder)  # recently used: evicted last
-        with self._lock:
-            self._versions[tuple(o.name for o in objects)] = version
-        entries = [self._entry(folder, o) for o in objects]
+        entries = [self._entry(o) for o in objects]
+        paths = []
+        for e in entries:  # the version folder names each object as object storage does
+            path = os.path.join(folder, posixpath.basename(e.obj.key))
+            landing.link(e.file.path, path)
+            with self._lock:
+                self._objects[path] = e
+            paths.append(path)
         for e in entries:  # small ones now: the loader reads indexes and headers first
             if e.obj.size < self.settings.piece_size:
                 self.land(e, 0)
-        for e in entries:
-            if e.obj.size >= self.settings.piece_size:
-                for index in range(e.file.piece_count()):
-                    if index not in e.ready:
-                        self._workers.submit(self._quiet_land, e, index)
+        big = [e for e in entries if e.obj.size >= self.settings.piece_size]
+        # every file's first piece first (the loader reads all headers before any data),
+        # then the rest in file order; a replica waiting for a piece not started yet lands
+        # it itself (wait_ready), so the order is a hint, never a deadlock
+        queue = [(e, 0) for e in big] + [(e, i) for e in big
+                                         for i in range(1, e.file.piece_count())]
+        for e, index in queue:
+            if index not in e.ready:
+                self._workers.submit(self._quiet_land, e, index)
         with self._lock:
-            files = {e.file.path: (e.file.piece_size, e.file.piece_count(),
-                                   tuple(sorted(e.ready))) for e in entries}
+            files = {path: (e.file.piece_size, e.file.piece_count(), tuple(sorted(e.ready)))
+                     for path, e in zip(paths, entries)}
         return Prepared(os.path.join(folder, target) if target else folder, files)
 
-    def _entry(self, folder: str, obj: ObjectId) -> _Object:
-        path = os.path.join(folder, posixpath.basename(obj.key))
+    def _entry(self, obj: ObjectId) -> _Object:
+        """The landed file of one object version (opened, and its record checked, once)."""
         with self._lock:
-            entry = self._objects.get(path)
+            entry = self._by_id.get(obj)
             if entry is not None:
                 entry.failed.clear()  # a new prepare tries failed pieces again
                 return entry
-        file = LandedFile(path, obj.size, self.settings.piece_size)
+        objects = landing.private_dir(os.path.join(self.root, landing.OBJECTS))
+        file = LandedFile(os.path.join(objects, landing.object_name(obj)), obj.size,
+                          self.settings.piece_size)
         entry = _Object(obj, file)
         for index, digest in file.recorded().items():  # a warm node: check once, then trust
             if index < file.piece_count() and file.check(index, digest):
                 entry.ready[index] = digest
-                self._count("cache_bytes", file.piece_span(index)[1])
-        self._on_bytes("cache", sum(file.piece_span(i)[1] for i in entry.ready))
+        warm = sum(file.piece_span(i)[1] for i in entry.ready)
+        self._count("cache_bytes", warm)
+        self._on_bytes("cache", warm)
         with self._lock:
-            entry = self._objects.setdefault(path, entry)
-            self._by_id.setdefault(obj, entry)
-        return entry
+            return self._by_id.setdefault(obj, entry)
 
     def _quiet_land(self, entry: _Object, index: int) -> None:
         try:
@@ -198,11 +210,13 @@ class Gateway:
                         index, exc)
 
     def land(self, entry: _Object, index: int) -> None:
-        """Piece `index` of `entry` in its file, from a peer or object storage (once)."""
+        """Piece `index` of `entry` in its file, from a peer or object storage; a piece
+        another thread is landing already is left to it."""
+        with self._lock:
+            if index in entry.ready or index in entry.started:
+                return
+            entry.started.add(index)
         try:
-            with self._lock:
-                if index in entry.ready:
-                    return
             owner = self._owner(entry.obj, index)
             got = None
             small = entry.obj.size < self.settings.piece_size  # not worth a peer's round trip
@@ -215,6 +229,7 @@ class Gateway:
         except BaseException as exc:
             with self._changed:
                 entry.failed[index] = exc
+                entry.started.discard(index)
                 self._changed.notify_all()
             raise
 
@@ -226,6 +241,7 @@ class Gateway:
         with self._changed:
             entry.ready[index] = digest
             entry.failed.pop(index, None)
+            entry.started.discard(index)
             self.counters["landed_pieces"] += 1
             self._changed.notify_all()
 
@@ -283,10 +299,15 @@ class Gateway:
     def wait_ready(self, path: str, index: int, timeout: float | None = None) -> tuple[int, ...]:
         """Blocks until piece `index` of the landed file `path` is on the node; returns every
         landed index of that file. The landing's own error if it failed."""
-        with self._changed:
+        with self._lock:
             entry = self._objects.get(path)
             if entry is None:
                 raise NotFound(2, f"{path}: not a file this node's gateway is landing")
+            idle = index not in entry.ready and index not in entry.started
+        if idle and 0 <= index < entry.file.piece_count():  # asked for before its turn
+            with contextlib.suppress(Exception):  # its error is reported just below
+                self.land(entry, index)
+        with self._changed:
             ok = self._changed.wait_for(lambda: index in entry.ready or index in entry.failed,
                                         timeout)
             if index in entry.failed:
@@ -303,11 +324,9 @@ class Gateway:
     def piece_for_peer(self, obj: ObjectId, index: int) -> tuple[str, bytes]:
         """A piece this node owns, with the digest it had when it was read from object
         storage (the asking node checks the bytes against it)."""
+        entry = self._entry(obj)  # a node whose own replica has not asked yet lands it too
         with self._lock:
-            entry = self._by_id.get(obj)
-            digest = entry.ready.get(index) if entry else None
-        if entry is None:
-            raise NotFound(2, f"{obj.name}: not being landed on node {self.node_id[:12]}")
+            digest = entry.ready.get(index)
         if digest is not None:
             return digest, entry.file.read(index)
         return self._single_flight(entry, index)
@@ -332,7 +351,7 @@ class Gateway:
         self._workers.shutdown(wait=True, cancel_futures=True)
         with self._lock:
             client, self._client = self._client, None
-            entries = list(self._objects.values())
+            entries = list(self._by_id.values())
         for e in entries:
             e.file.close()
         if client is not None:

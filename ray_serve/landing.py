@@ -1,13 +1,16 @@
 """The node-local landing area: where a node's gateway puts verified pieces of a checkpoint.
 
-Layout under `root` (created 0700; refused if it exists with other owner or wider mode):
-  <version>/<name>           one file per object, created at its full size (sparse) and
-                             filled piece by piece with positional writes; mode 0600
-  <version>/.<name>.ready    one line per landed piece: "<index> <sha256 hex>", appended
+Layout under `root` (created 0700; refused if it is not this user's own folder):
+  objects/<object>           one file per object version (bucket, key, size, ETag), created
+                             at its full size (sparse) and filled piece by piece with
+                             positional writes; mode 0600
+  objects/.<object>.ready    one line per landed piece: "<index> <sha256 hex>", appended
                              after the piece's bytes were written
-`<version>` names one version of a checkpoint (its objects' keys, sizes and ETags), so a
-changed object is never served stale, and its files sit side by side as in object storage:
-the loader reads the folder as a local checkpoint. Only the job's user (and root) can open
+  <version>/<name>           hard links to the objects of one version of a checkpoint, named
+                             as in object storage: the loader reads the folder as a local
+                             checkpoint, and a changed object is a new file, never stale bytes
+A peer may ask for pieces of an object before this node's own replica has named its
+checkpoint; those land in objects/ and are linked in when the replica asks. Only the job's user (and root) can open
 anything here: filesystem permissions are what keep other local users out.
 Whole versions are evicted, least recently prepared first, beyond the size bound.
 """
@@ -24,6 +27,7 @@ import threading
 
 from warmstart.errors import AccessDenied, IntegrityError
 
+OBJECTS = "objects"
 DIR_MODE = 0o700
 FILE_MODE = 0o600
 
@@ -120,6 +124,21 @@ class LandedFile:
             self._fd = -1
 
 
+def object_name(obj) -> str:
+    """The file name of one object version (a `plan.ObjectId`)."""
+    ident = f"{obj.bucket}\0{obj.key}\0{obj.size}\0{obj.etag}"
+    return hashlib.sha256(ident.encode()).hexdigest()[:32]
+
+
+def link(existing: str, path: str) -> None:
+    """`path` becomes a hard link to `existing` (kept when it already is one)."""
+    with contextlib.suppress(FileNotFoundError):
+        if os.path.samefile(existing, path):
+            return
+        os.unlink(path)
+    os.link(existing, path)
+
+
 def version_name(objects: list[tuple[str, int, str]]) -> str:
     """A stable folder name for one version of a checkpoint: (name, size, etag) of each."""
     ident = "\0".join(f"{n}\0{s}\0{e}" for n, s, e in sorted(objects))
@@ -127,23 +146,42 @@ def version_name(objects: list[tuple[str, int, str]]) -> str:
 
 
 def evict(root: str, keep: set[str], need: int, max_bytes: int) -> int:
-    """Deletes whole version folders under `root`, least recently used first (mtime), except
-    those in `keep`, until their bytes plus `need` fit in `max_bytes`; returns bytes freed.
-    A reader that has a file open keeps reading it (unlinked files live until closed)."""
-    versions = []
-    for entry in os.scandir(root):
-        if entry.is_dir(follow_symlinks=False):
-            used = sum(os.stat(os.path.join(entry.path, f)).st_blocks * 512
-                       for f in os.listdir(entry.path))
-            versions.append((entry.stat().st_mtime, entry.name, entry.path, used))
-    total = sum(v[3] for v in versions) + need
-    freed = 0
-    for _, name, path, used in sorted(versions):
-        if total <= max_bytes:
+    """Frees room for `need` more bytes within `max_bytes`: deletes whole version folders,
+    least recently used first (mtime), then every object file no version links to any more,
+    except the objects named in `keep`; returns bytes freed. A reader that has a file open
+    keeps reading it (an unlinked file lives until it is closed)."""
+    objects = os.path.join(root, OBJECTS)
+
+    def used() -> int:
+        with contextlib.suppress(FileNotFoundError):
+            return sum(e.stat().st_blocks * 512 for e in os.scandir(objects)
+                       if not e.name.startswith("."))
+        return 0
+    before = total = used()
+    if total + need <= max_bytes:
+        return 0
+    versions = sorted((e.stat().st_mtime, e.path) for e in os.scandir(root)
+                      if e.is_dir(follow_symlinks=False) and e.name != OBJECTS)
+    for _, path in versions:
+        if total + need <= max_bytes:
             break
-        if name in keep:
+        names = set(os.listdir(path))
+        if any(_same_as_kept(os.path.join(path, n), objects, keep) for n in names):
             continue
         shutil.rmtree(path, ignore_errors=True)
-        total -= used
-        freed += used
-    return freed
+        for entry in os.scandir(objects):
+            if not entry.name.startswith(".") and entry.name not in keep and \
+                    entry.stat().st_nlink == 1:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+                    os.unlink(os.path.join(objects, "." + entry.name + ".ready"))
+        total = used()
+    return before - total
+
+
+def _same_as_kept(path: str, objects: str, keep: set[str]) -> bool:
+    for name in keep:
+        with contextlib.suppress(FileNotFoundError):
+            if os.path.samefile(path, os.path.join(objects, name)):
+                return True
+    return False
