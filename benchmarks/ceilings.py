@@ -2,8 +2,8 @@
 
   disk   fio sequential read of the checkpoint's files (O_DIRECT for cold runs, buffered from
          the page cache for warm runs); without fio, a 4-thread Python reader, labelled so
-  s3     raw ranged GETs against the same server: many concurrent GETs, each received with
-         recv_into into its own slice of one reused buffer (no parsing, no copies after)
+  s3     raw signed ranged GETs against the same endpoint (http or https): many concurrent
+         GETs, each received with recv_into into its own slice of one reused buffer
   gpu    pinned host -> device `cudaMemcpy` (torch `copy_` from pinned memory)
 
 Each returns {"kind", "label", "gbps"}.
@@ -85,27 +85,36 @@ def _python_read(files: list[str], direct: bool, threads: int) -> float:
     return sum(total) / 1e9 / (time.perf_counter() - started)
 
 
-def s3(endpoint: str, bucket: str, keys: list[str], concurrency: int) -> dict:
-    """Raw ranged GETs through presigned URLs (works with or without auth on the server)."""
-    from warmstart.loader.sources.base import Target
-    from warmstart.loader.sources.http import ConnectionPool, Url, ranged_get_into
-    from warmstart.testing.s3server import S3Server
+def s3(endpoint: str, bucket: str, keys: list[str], concurrency: int,
+       ca_bundle: str | None = None) -> dict:
+    """Raw SigV4-signed ranged GETs over http or https (TLS decrypted by the stdlib straight
+    into the buffer), `concurrency` threads each with its own keep-alive connection."""
+    from warmstart.storage import sync
+    from warmstart.storage.config import StorageConfig
+    from warmstart.storage.http import ConnectionPool, ranged_get_into, tls_context
+    from warmstart.storage.s3 import S3Client
+    from warmstart.storage.source import Target
+    from warmstart.storage.uri import S3Uri
 
-    if not endpoint.startswith("http://"):
-        raise RuntimeError("the raw-GET ceiling needs an http:// endpoint")
-    client = S3Server(kind="external", endpoint=endpoint,
-                      access_key=os.environ.get("AWS_ACCESS_KEY_ID", "bench"),
-                      secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY", "bench"),
-                      region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1")).client()
+    config = StorageConfig.from_env(endpoint_url=endpoint or None, ca_bundle=ca_bundle)
+
+    async def sign() -> list[tuple]:
+        async with S3Client(config) as client:
+            out = []
+            for key in keys:
+                uri = S3Uri(bucket, key)
+                size = (await client.head(uri)).size
+                url, headers = await client.signed(uri)
+                out.append((uri, size, url, headers))
+            return out
     work: queue.Queue = queue.Queue()
-    for key in keys:
-        size = client.head_object(Bucket=bucket, Key=key)["ContentLength"]
-        url = Url.parse(client.generate_presigned_url(
-            "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=3600))
+    scheme = "https" if (endpoint or "https").startswith("https") else "http"
+    for uri, size, url, headers in sync.run(sign()):
         for offset in range(0, size, CHUNK):
-            work.put((url, key, offset, min(CHUNK, size - offset)))
+            work.put((url, headers, str(uri), offset, min(CHUNK, size - offset)))
     buffer = bytearray(concurrency * CHUNK)  # one buffer, reused: a slice per connection
-    pool = ConnectionPool(connect_timeout=10, read_timeout=60)
+    pool = ConnectionPool(connect_timeout=10, read_timeout=60,
+                          tls=tls_context(config.ca_bundle, config.verify_tls))
     total = [0] * concurrency
     errors: list[BaseException] = []
 
@@ -114,10 +123,10 @@ def s3(endpoint: str, bucket: str, keys: list[str], concurrency: int) -> dict:
         try:
             while True:
                 try:
-                    url, key, offset, length = work.get_nowait()
+                    url, headers, name, offset, length = work.get_nowait()
                 except queue.Empty:
                     return
-                ranged_get_into(pool, url, offset, slot.sub(0, length), key)
+                ranged_get_into(pool, url, offset, slot.sub(0, length), name, headers)
                 total[i] += length
         except BaseException as exc:  # noqa: BLE001
             errors.append(exc)
@@ -132,7 +141,8 @@ def s3(endpoint: str, bucket: str, keys: list[str], concurrency: int) -> dict:
     pool.close()
     if errors:
         raise errors[0]
-    return {"kind": "s3", "label": f"raw ranged GETs, {concurrency} connections",
+    return {"kind": "s3", "label": f"raw signed ranged GETs over {scheme}, {concurrency} "
+                                   f"connections",
             "gbps": sum(total) / 1e9 / seconds}
 
 

@@ -8,6 +8,9 @@ and reused), starts localbucket on 127.0.0.1, uploads the checkpoint, and runs t
                  is not permitted the scenario runs as local-odirect: warmstart with
                  direct_io=True, the others as they are, and the report says so
   s3             the same files as objects on the local S3 server
+  s3-https       the same objects over https: nginx on 127.0.0.1 (a CA generated for the run,
+                 passed as AWS_CA_BUNDLE) serves GET/HEAD with ranges from the S3 server's
+                 folder and proxies listings to it; skipped, with the reason, without nginx
 
 Each run of each peer is its own process (`warmstart.benchmarks.peer`); repeats are
 interleaved across peers; ceilings are measured in the same run. See benchmarks/README.md.
@@ -34,9 +37,10 @@ from warmstart.benchmarks.peers import PEERS, applies
 from warmstart.benchmarks.verify import reference_digest
 
 GiB, MiB = 1 << 30, 1 << 20
-SCENARIOS = ("local-warm", "local-cold", "s3")
+SCENARIOS = ("local-warm", "local-cold", "s3", "s3-https")
 IMAGE = "image"  # opt-in: lazy image start vs full pull (needs umoci, skopeo, FUSE, pyfuse3)
-SOURCE = {"local-warm": "local", "local-cold": "local", "local-odirect": "local", "s3": "s3"}
+SOURCE = {"local-warm": "local", "local-cold": "local", "local-odirect": "local", "s3": "s3",
+          "s3-https": "s3"}
 BUCKET, PREFIX = "warmstart-bench", "model"
 QUICK_SIZE = 64 * MiB
 
@@ -50,10 +54,11 @@ class Checkpoint:
     reference: str
     generated: bool
     s3: dict = field(default_factory=dict)  # endpoint, bucket, keys, uri
+    s3_https: dict = field(default_factory=dict)  # the same, through the TLS front
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    from warmstart.loader.config import parse_size
+    from warmstart.storage.units import parse_size
 
     p = argparse.ArgumentParser(prog="warmstart bench", description=__doc__.split("\n")[0])
     p.add_argument("--model", help="PATH (file, folder, index json) or s3://bucket/prefix/ "
@@ -195,6 +200,7 @@ class Run:
                  server_data: str | None, env: dict, say) -> None:
         self.args, self.ckpt, self.device, self.env, self.say = args, ckpt, device, env, say
         self.server_data = server_data
+        self.scenario_env: dict[str, dict] = {}  # s3-https: AWS_ENDPOINT_URL, AWS_CA_BUNDLE
         self.can_drop = drop_caches() if any(SOURCE[s] == "local" for s in args.scenarios) \
             else True
         self.tmp = tempfile.mkdtemp(prefix="warmstart-bench-")
@@ -204,15 +210,16 @@ class Run:
             warm(self.ckpt.files)
         elif scenario == "local-cold":
             drop_caches()
-        elif scenario == "s3" and self.server_data:
+        elif SOURCE[scenario] == "s3" and self.server_data:
             warm([str(p) for p in Path(self.server_data).rglob("*") if p.is_file()])
 
     def spec(self, scenario: str, peer: str) -> dict:
         source = SOURCE[scenario]
+        s3 = self.ckpt.s3_https if scenario == "s3-https" else self.ckpt.s3
         return {"peer": peer, "source": source, "device": self.device,
                 "files": self.ckpt.files,
-                "uri": self.ckpt.uri if source == "local" else self.ckpt.s3["uri"],
-                "s3": self.ckpt.s3, "budget": self.args.budget,
+                "uri": self.ckpt.uri if source == "local" else s3["uri"],
+                "s3": s3, "budget": self.args.budget,
                 "concurrency": self.args.concurrency,
                 "direct_io": True if scenario == "local-odirect" else None,
                 "tmp": self.tmp, "reference": self.ckpt.reference,
@@ -224,8 +231,10 @@ class Run:
             if SOURCE[scenario] == "local":
                 out.append(ceilings.disk(self.ckpt.files, direct=scenario != "local-warm"))
             else:
-                out.append(ceilings.s3(self.ckpt.s3["endpoint"] or "", self.ckpt.s3["bucket"],
-                                       self.ckpt.s3["keys"], self.args.concurrency or 16))
+                s3 = self.ckpt.s3_https if scenario == "s3-https" else self.ckpt.s3
+                out.append(ceilings.s3(s3["endpoint"] or "", s3["bucket"], s3["keys"],
+                                       self.args.concurrency or 16,
+                                       ca_bundle=s3.get("ca_bundle")))
         except Exception as exc:  # noqa: BLE001 - a missing ceiling is reported, not fatal
             out.append({"kind": "disk" if SOURCE[scenario] == "local" else "s3",
                         "label": "not measured", "gbps": None, "error": str(exc)[:300]})
@@ -261,7 +270,8 @@ class Run:
                     continue  # reported once; no point repeating a crash or a missing module
                 self.prepare(scenario)
                 started = time.perf_counter()
-                run = run_peer(self.spec(scenario, peer), self.env, timeout)
+                run = run_peer(self.spec(scenario, peer),
+                               {**self.env, **self.scenario_env.get(scenario, {})}, timeout)
                 run["wall_seconds"] = time.perf_counter() - started
                 runs.append(run)
                 bar.update(1)
@@ -282,7 +292,10 @@ class Run:
                  "s3": ("objects on a local S3 server on 127.0.0.1 (its files warm)"
                         if self.server_data else
                         f"objects under {self.ckpt.s3.get('uri')} at "
-                        f"{self.ckpt.s3.get('endpoint') or 'the AWS default endpoint'}")}
+                        f"{self.ckpt.s3.get('endpoint') or 'the AWS default endpoint'}"),
+                 "s3-https": "the same objects over https: nginx on 127.0.0.1 serves GET/HEAD "
+                             "with ranges from the S3 server's folder (TLS 1.3, a CA made for "
+                             "the run in AWS_CA_BUNDLE) and proxies listings to it"}
         return notes[scenario]
 
 
@@ -333,11 +346,18 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if image_status in (None, 0) else 1
     env = {**os.environ, "AWS_EC2_METADATA_DISABLED": "true",
            "RUNAI_STREAMER_S3_USE_VIRTUAL_ADDRESSING": "0"}
-    server = server_data = None
+    server = server_data = front = None
+    if "s3-https" in args.scenarios:
+        from warmstart.testing.tlsfront import nginx_missing
+
+        why = nginx_missing()
+        if why:
+            args.scenarios = [s for s in args.scenarios if s != "s3-https"]
+            say(f"s3-https not run: {why}")
     if args.model and args.model.startswith("s3://"):
-        if any(SOURCE[s] == "local" for s in args.scenarios):
-            args.scenarios = [s for s in args.scenarios if SOURCE[s] == "s3"] or ["s3"]
-            say("an s3:// model: running the s3 scenario only")
+        if any(s != "s3" for s in args.scenarios):
+            args.scenarios = ["s3"]
+            say("an s3:// model: running the s3 scenario only (over its own endpoint)")
         ckpt = s3_checkpoint(args.model)
     else:
         path = args.model or generated_checkpoint(
@@ -347,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         digest, nbytes, count = reference_digest(files)
         ckpt = Checkpoint(path, files, nbytes, count, digest, args.model is None)
     try:
-        if "s3" in args.scenarios and not ckpt.s3:
+        if any(SOURCE[s] == "s3" for s in args.scenarios) and not ckpt.s3:
             from warmstart.testing.s3server import start_server
 
             server_data = tempfile.mkdtemp(prefix="warmstart-bench-s3-")
@@ -361,7 +381,18 @@ def main(argv: list[str] | None = None) -> int:
             ckpt.s3 = {"endpoint": server.endpoint, "bucket": BUCKET, "uri":
                        f"s3://{BUCKET}/{PREFIX}/", "keys": [f"{PREFIX}/{os.path.basename(f)}"
                                                            for f in ckpt.files]}
+        if "s3-https" in args.scenarios:
+            from warmstart.testing.tlsfront import start_tls_front
+
+            front = start_tls_front(server, tempfile.mkdtemp(prefix="warmstart-bench-tls-"),
+                                    static=True)
+            ckpt.s3_https = {**ckpt.s3, "endpoint": front.endpoint,
+                             "ca_bundle": front.ca_bundle}
+            say(f"s3-https: nginx TLS front at {front.endpoint}")
         run = Run(args, ckpt, device, server_data, env, say)
+        if front is not None:
+            run.scenario_env["s3-https"] = {"AWS_ENDPOINT_URL": front.endpoint,
+                                            "AWS_CA_BUNDLE": front.ca_bundle}
         if not run.can_drop:
             args.scenarios = ["local-odirect" if s == "local-cold" else s
                               for s in args.scenarios]
@@ -369,6 +400,8 @@ def main(argv: list[str] | None = None) -> int:
         results = [run.scenario(s) for s in args.scenarios]
         shutil.rmtree(run.tmp, ignore_errors=True)
     finally:
+        if front is not None:
+            front.stop()
         if server is not None:
             server.stop()
         if server_data:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
 from warmstart.errors import ConfigError
+from warmstart.storage.units import parse_size
 
 MiB = 1 << 20
 
@@ -66,9 +67,7 @@ class SharingConfig:
             raise ConfigError(f"unknown sharing option(s) {', '.join(map(repr, unknown))}; "
                               f"valid options are: {', '.join(cls.keys())}")
         for key in ("cache_size", "piece_size"):
-            if isinstance(values.get(key), str):  # the loader (and torch) only when needed:
-                from warmstart.loader.config import parse_size  # the gateway never needs it
-
+            if isinstance(values.get(key), str):
                 values[key] = parse_size(values[key], key)
         for key in ("peer_timeout",):
             if key in values:

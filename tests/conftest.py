@@ -47,3 +47,25 @@ def s3(request, monkeypatch):
     for key, value in server.env().items():
         monkeypatch.setenv(key, value)
     return server
+
+
+@pytest.fixture(scope="session")
+def tls_front(tmp_path_factory):
+    """Starts nginx TLS fronts (127.0.0.1, a CA generated per front) on demand:
+    `tls_front(server, static=True)`; skips the test when nginx is not installed."""
+    from warmstart.testing.tlsfront import nginx_missing, start_tls_front
+
+    fronts = []
+
+    def start(upstream, static: bool = True, data_dir: str | None = None):
+        why = nginx_missing()
+        if why:
+            pytest.skip(why)
+        front = start_tls_front(upstream, tmp_path_factory.mktemp("tls"), static=static,
+                                data_dir=data_dir)
+        fronts.append(front)
+        return front
+
+    yield start
+    for front in fronts:
+        front.stop()

@@ -46,6 +46,8 @@ async def attempt(policy: RetryPolicy, what: str, call: Callable[[], Awaitable[T
         try:
             return await call()
         except Retryable as exc:
+            if policy.max_attempts == 1:
+                raise  # no retries asked for: the caller sees (and may retry) the original
             if n + 1 >= policy.max_attempts:
                 raise RetriesExhausted(
                     f"{what}: gave up after {policy.max_attempts} attempts; last error: "

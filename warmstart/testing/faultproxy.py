@@ -42,6 +42,10 @@ _HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "te", "
                          "transfer-encoding", "upgrade"})
 _SHAPING = frozenset({"latency", "bandwidth"})
 _S3_ERRORS = {
+    301: ("PermanentRedirect", "The bucket you are attempting to access must be addressed "
+                               "using the specified endpoint."),
+    307: ("TemporaryRedirect", "Please re-send this request to the specified temporary "
+                               "endpoint."),
     400: ("BadRequest", "The request is not valid."),
     403: ("AccessDenied", "Access Denied"),
     404: ("NoSuchKey", "The specified key does not exist."),
@@ -89,9 +93,10 @@ def truncate(after_bytes: int) -> Fault:
 
 
 def status(code: int, s3_error_code: str | None = None, message: str | None = None) -> Fault:
-    """Answer `code` with an S3 XML error body, without contacting upstream."""
+    """Answer `code` with an S3 XML error body, without contacting upstream (3xx answers
+    carry a `Location` pointing elsewhere, as S3's redirects do)."""
     default_code, default_message = _S3_ERRORS.get(code, ("InternalError", "Injected error."))
-    _at_least(code, 400, "status code")
+    _at_least(code, 300, "status code")
     return Fault("status", code=code, s3_code=s3_error_code or default_code,
                  message=message or default_message)
 
@@ -515,6 +520,8 @@ class _Handler(BaseHTTPRequestHandler):
         reason = http.client.responses.get(code, "Error")
         head = [f"HTTP/1.1 {code} {reason}", "Content-Type: application/xml",
                 f"Content-Length: {len(body)}", f"x-amz-request-id: {request_id}"]
+        if 300 <= code < 400:
+            head.append(f"Location: http://elsewhere.invalid{self.path}")
         if self.close_connection:
             head.append("Connection: close")
         self._write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1")

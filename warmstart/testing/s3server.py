@@ -33,6 +33,8 @@ class S3Server:
     region: str = "us-east-1"
     process: subprocess.Popen | None = field(default=None, repr=False)
     log_path: str | None = None
+    data_dir: str | None = None
+    """The folder the server keeps objects in, as `bucket/key` (localbucket and nanio)."""
 
     def env(self) -> dict[str, str]:
         """Environment variables that point the AWS credential chain at this server."""
@@ -142,7 +144,7 @@ def start_server(kind: str = "localbucket", data_dir: str | None = None,
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     log.close()
     server = S3Server(kind=kind, endpoint=f"http://127.0.0.1:{port}", process=proc,
-                      log_path=log.name)
+                      log_path=log.name, data_dir=data_dir)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
