@@ -37,6 +37,7 @@ from warmstart.ray_serve.settings import SharingConfig
 from warmstart.storage import sync
 from warmstart.storage.config import StorageConfig
 from warmstart.storage.s3 import S3Client
+from warmstart.storage.source import Target
 from warmstart.storage.uri import S3Uri, parse_s3
 
 log = logging.getLogger("warmstart.ray_serve")
@@ -107,15 +108,15 @@ class Gateway:
                 self._client = sync.run(S3Client(self._storage).__aenter__())
             return self._client
 
-    def _get_range(self, obj: ObjectId, offset: int, length: int) -> bytes:
+    def _get_into(self, obj: ObjectId, offset: int, view: memoryview) -> None:
+        """Bytes [offset, offset + len(view)) of `obj` into `view` (the mapped file)."""
         started = time.perf_counter()
-        data = sync.run(self._s3().get_range(S3Uri(obj.bucket, obj.key), offset, length,
-                                             etag=obj.etag or None))
+        sync.run(self._s3().get_into(S3Uri(obj.bucket, obj.key), offset, Target.of(view),
+                                     etag=obj.etag or None))
         self._count("s3_seconds", time.perf_counter() - started)
         self._count("s3_requests")
-        self._count("s3_bytes", length)
-        self._on_bytes("s3", length)
-        return data
+        self._count("s3_bytes", len(view))
+        self._on_bytes("s3", len(view))
 
     def _listing(self, uri: str) -> tuple[str, list[ObjectId]]:
         """(the name to load inside the version folder, the objects to land)."""
@@ -238,6 +239,14 @@ class Gateway:
             if index in entry.ready:
                 return
         entry.file.write(index, data, digest)
+        self._mark(entry, index, digest, recorded=True)
+
+    def _mark(self, entry: _Object, index: int, digest: str, recorded: bool = False) -> None:
+        with self._lock:
+            if index in entry.ready:
+                return
+        if not recorded:
+            entry.file.record(index, digest)
         with self._changed:
             entry.ready[index] = digest
             entry.failed.pop(index, None)
@@ -258,10 +267,12 @@ class Gateway:
             return fut.result()
         try:
             start, length = entry.file.piece_span(index)
-            data = self._get_range(entry.obj, start, length)
-            digest = sha256(data)
-            self._write(entry, index, digest, data)
-            result = (digest, data)
+            with entry.file.span(index) as view:
+                if length:
+                    self._get_into(entry.obj, start, view)
+                digest = sha256(view)
+            self._mark(entry, index, digest)
+            result = (digest, None)  # the bytes are in the file
         except BaseException as exc:
             fut.set_exception(exc)
             raise
@@ -327,9 +338,9 @@ class Gateway:
         entry = self._entry(obj)  # a node whose own replica has not asked yet lands it too
         with self._lock:
             digest = entry.ready.get(index)
-        if digest is not None:
-            return digest, entry.file.read(index)
-        return self._single_flight(entry, index)
+        if digest is None:
+            digest = self._single_flight(entry, index)[0]
+        return digest, entry.file.read(index)
 
     # --- shares -------------------------------------------------------------------------
     def _owner(self, obj: ObjectId, index: int) -> str:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import mmap
 import os
 import shutil
 import stat
@@ -70,6 +71,8 @@ class LandedFile:
             os.close(fd)
             raise
         self._fd = fd
+        # a shared mapping: object storage reads land straight in the page cache, no copy
+        self._map = mmap.mmap(fd, size, mmap.MAP_SHARED) if size else None
 
     def piece_count(self) -> int:
         return max(-(-self.size // self.piece_size), 1)
@@ -98,7 +101,28 @@ class LandedFile:
         return data
 
     def check(self, index: int, digest: str) -> bool:
-        return sha256(self.read(index)) == digest
+        return self.digest(index) == digest
+
+    def span(self, index: int) -> memoryview:
+        """Piece `index` as a writable view of the mapped file (release it when done)."""
+        start, length = self.piece_span(index)
+        if self._map is None:
+            return memoryview(bytearray(0))
+        return memoryview(self._map)[start:start + length]
+
+    def digest(self, index: int) -> str:
+        with self.span(index) as view:
+            return sha256(view)
+
+    def record(self, index: int, digest: str) -> None:
+        """Notes piece `index` (whose bytes are in the file, checked against `digest`)."""
+        with self._lock:
+            fd = os.open(self.ready_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
+                         | os.O_NOFOLLOW, FILE_MODE)
+            try:
+                os.write(fd, f"{index} {digest}\n".encode())
+            finally:
+                os.close(fd)
 
     def write(self, index: int, data, digest: str) -> None:
         """Writes piece `index` (already verified against `digest`) and records it."""
@@ -110,15 +134,12 @@ class LandedFile:
         done = 0
         while done < length:
             done += os.pwrite(self._fd, view[done:], start + done)
-        with self._lock:
-            fd = os.open(self.ready_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC
-                         | os.O_NOFOLLOW, FILE_MODE)
-            try:
-                os.write(fd, f"{index} {digest}\n".encode())
-            finally:
-                os.close(fd)
+        self.record(index, digest)
 
     def close(self) -> None:
+        if self._map is not None:
+            self._map.close()
+            self._map = None
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1

@@ -97,9 +97,10 @@ def load_in_replica(uri: str, device: str = "cpu", *, names: Iterable[str] | Non
     from warmstart.ray_serve.node_read import gate_for
 
     cfg = config if config is not None else LoaderConfig.from_env()
-    read_uri, wrap = uri, None
+    read_uri, wrap, answered = uri, None, 0.0
     if shared:
         gateway, prepared = prepared_on_node(uri, sharing, pending)
+        answered = time.perf_counter() - started
         read_uri, wrap = prepared.path, gate_for(gateway, prepared)
         if wrap is not None:  # pieces arrive in the page cache: no O_DIRECT for them
             cfg = cfg.replace(direct_io=False)
@@ -107,7 +108,7 @@ def load_in_replica(uri: str, device: str = "cpu", *, names: Iterable[str] | Non
     tags = {"uri": uri}
     log.info("warmstart: loading %s to %s (sharing: %s%s)", uri, device, sharing.mode,
              f", node copy {read_uri}" + (", landing" if wrap else ", complete")
-             if shared else "")
+             + f", gateway answered after {answered:.2f}s" if shared else "")
     state = {"step": 0, "last": 0}
 
     def progress(done: int, total: int) -> None:

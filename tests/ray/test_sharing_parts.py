@@ -223,10 +223,10 @@ def test_the_replica_reads_first_pieces_before_the_last_has_landed(s3_checkpoint
     hold_from = 2 * (4 * MiB)
 
     class HeldBack(Gateway):  # the real gateway; only its later object-storage reads wait
-        def _get_range(self, obj, offset, length):
+        def _get_into(self, obj, offset, view):
             if offset >= hold_from:
                 assert release.wait(60), "never released"
-            return super()._get_range(obj, offset, length)
+            return super()._get_into(obj, offset, view)
 
     gw = HeldBack(SharingConfig(cache_dir=str(tmp_path / "c"), mode="node", piece_size=4 * MiB,
                                 prefetch=2, s3_endpoint_url=s3_env.endpoint), "n")
