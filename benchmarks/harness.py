@@ -137,27 +137,50 @@ def local_files(path: str) -> list[str]:
     return [path]
 
 
+class _ObjectReader:
+    """Reads one object front to back in 16 MiB ranged GETs (file-like `read(n)`)."""
+
+    def __init__(self, client, uri, size: int) -> None:
+        self.client, self.uri, self.size, self.pos = client, uri, size, 0
+
+    def read(self, n: int) -> bytes:
+        from warmstart.storage import sync
+
+        n = max(0, min(n, 16 << 20, self.size - self.pos))
+        data = sync.run(self.client.get_range(self.uri, self.pos, n)) if n else b""
+        self.pos += len(data)
+        return data
+
+
 def s3_checkpoint(uri: str) -> Checkpoint:
-    """A user's s3:// checkpoint: keys listed, reference digest streamed from the objects."""
-    import botocore.session
-
+    """A user's s3:// checkpoint: keys listed, reference digest streamed from the objects, all
+    through warmstart.storage's one client (endpoint, CA bundle, credentials from AWS_*)."""
     from warmstart.benchmarks.verify import combine, stream_records
+    from warmstart.storage import sync
+    from warmstart.storage.config import StorageConfig
+    from warmstart.storage.s3 import S3Client
+    from warmstart.storage.uri import S3Uri, parse_s3
 
-    bucket, _, prefix = uri[len("s3://"):].partition("/")
-    endpoint = os.environ.get("AWS_ENDPOINT_URL")
-    client = botocore.session.get_session().create_client("s3", endpoint_url=endpoint)
-    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-    keys = sorted(o["Key"] for page in pages for o in page.get("Contents", [])
-                  if o["Key"].endswith(".safetensors"))
-    if not keys:
-        raise SystemExit(f"warmstart bench: no .safetensors objects under {uri}")
-    records, total = {}, 0
-    for key in keys:
-        recs, nbytes = stream_records(client.get_object(Bucket=bucket, Key=key)["Body"], key)
-        records.update(recs)
-        total += nbytes
+    where = parse_s3(uri)
+    config = StorageConfig.from_env()
+    client = sync.run(S3Client(config).__aenter__())
+    try:
+        listing = sync.run(client.list(where.bucket, where.key, delimiter=""))
+        sizes = {key: size for key, size in listing if key.endswith(".safetensors")}
+        keys = sorted(sizes)
+        if not keys:
+            raise SystemExit(f"warmstart bench: no .safetensors objects under {uri}")
+        records, total = {}, 0
+        for key in keys:
+            reader = _ObjectReader(client, S3Uri(where.bucket, key), sizes[key])
+            recs, nbytes = stream_records(reader, key)
+            records.update(recs)
+            total += nbytes
+    finally:
+        sync.run(client.__aexit__(None, None, None))
     return Checkpoint("", [], total, len(records), combine(records), False,
-                      {"endpoint": endpoint, "bucket": bucket, "keys": keys, "uri": uri})
+                      {"endpoint": config.endpoint_url, "bucket": where.bucket, "keys": keys,
+                       "uri": uri, "ca_bundle": config.ca_bundle})
 
 
 def drop_caches() -> bool:

@@ -215,8 +215,12 @@ PEERS: dict[str, Callable[[dict, Marks], Tensors]] = {
 
 # The modules each peer needs, per source: a missing one reports the peer "not installed".
 REQUIRES: dict[str, dict[str, list[str]]] = {
-    "warmstart": {"local": ["warmstart.loader"], "s3": ["warmstart.loader"]},
-    "warmstart-stream": {"local": ["warmstart.loader"], "s3": ["warmstart.loader"]},
+    # the S3 client library is imported before the clock for every S3 peer alike (warmstart
+    # imports it lazily, on the first s3:// load; download-then-load's list names it too)
+    "warmstart": {"local": ["warmstart.loader"],
+                  "s3": ["warmstart.loader", "aiobotocore.session", "botocore.auth"]},
+    "warmstart-stream": {"local": ["warmstart.loader"],
+                         "s3": ["warmstart.loader", "aiobotocore.session", "botocore.auth"]},
     "safetensors": {"local": ["safetensors.torch"]},
     "runai": {"local": ["runai_model_streamer"],
               "s3": ["runai_model_streamer", "runai_model_streamer_s3"]},

@@ -141,3 +141,25 @@ def test_image_scenario_runs_or_says_what_it_needs(tmp_path):
     assert {"full-pull", "lazy", "lazy+profile"} <= modes
     assert all(s.get("seconds", 0) > 0 for s in doc["samples"] if "error" not in s)
     assert "lazy+profile" in text and "vs full pull" in text
+
+
+def test_s3_https_scenario_measures_every_peer_over_tls(tmp_path):
+    """`s3-https`: the same objects through nginx with a generated CA; warmstart, Run:ai and
+    download-then-load load them bit for bit, and the raw ceiling is measured over TLS."""
+    from warmstart.testing.tlsfront import nginx_missing
+
+    if nginx_missing():
+        pytest.skip(nginx_missing())
+    proc = _bench("--quick", "--scenarios", "s3-https", "--peers",
+                  "warmstart,runai,download-then-load", "--repeat", "1", "--out", str(tmp_path),
+                  "--cache", str(tmp_path / "cache"), "--device", "cpu", "--json-only")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(proc.stdout)
+    [scenario] = doc["scenarios"]
+    assert scenario["name"] == "s3-https" and "https" in scenario["note"]
+    ceiling = scenario["ceilings"]["s3"]
+    assert "over https" in ceiling["label"] and ceiling["median_gbps"] > 0
+    for peer in ("warmstart", "download-then-load"):
+        row = scenario["peers"][peer]
+        assert row["status"] == "ok" and row["runs"][0]["digest_ok"], row
+    assert scenario["peers"]["runai"]["status"] in {"ok", "not installed"}

@@ -169,3 +169,42 @@ def test_progress_counter_reports_cumulative_counts():
     for n in (3, 3, 4):
         counter.add(n)
     assert seen == [(3, 10), (6, 10), (10, 10)]
+
+
+def test_runtime_never_imports_the_testing_module():
+    """Fault proxies, test servers and checkpoint makers stay out of what users run."""
+    import pathlib
+    import re
+
+    root = pathlib.Path(__file__).resolve().parents[2]
+    offenders = []
+    for part in ("loader", "imageformat", "vllm_plugin", "ray_serve", "warmstart"):
+        for path in (root / part).rglob("*.py"):
+            rel = path.relative_to(root).as_posix()
+            if rel.startswith("warmstart/testing/") or rel == "ray_serve/bench.py":
+                continue  # the testing module itself; the Ray benchmark tool
+            if re.search(r"^\s*(from|import) warmstart\.testing", path.read_text(), re.M):
+                offenders.append(rel)
+    assert not offenders, offenders
+
+
+@pytest.mark.parametrize("style, host, target", [
+    ("virtual", "bkt.s3.example.test", "/a/b%20c.bin"),
+    ("path", "s3.example.test", "/bkt/a/b%20c.bin")])
+def test_signed_ranged_gets_use_virtual_hosted_or_path_style(style, host, target):
+    """The URL and SigV4 headers the data path sends: the Host signed is the Host sent (port
+    kept), TLS for https endpoints; no request is made."""
+    from warmstart.storage.s3 import S3Client
+    from warmstart.storage.uri import S3Uri
+
+    async def go():
+        cfg = StorageConfig(endpoint_url="https://s3.example.test:9443", addressing_style=style,
+                            access_key="AKIDEXAMPLE", secret_key="secret", session_token="tok")
+        async with S3Client(cfg) as client:
+            return await client.signed(S3Uri("bkt", "a/b c.bin"))
+    url, headers = sync.run(go())
+    assert (url.scheme, url.host, url.port, url.target) == ("https", host, 9443, target)
+    assert headers["host"] == f"{host}:9443"
+    assert headers["Authorization"].startswith("AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/")
+    assert "range" not in headers["Authorization"].lower()  # one signature serves every range
+    assert headers["X-Amz-Security-Token"] == "tok"
