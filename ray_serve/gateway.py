@@ -29,7 +29,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
-from warmstart.errors import NotFound, WarmstartError
+from warmstart.errors import IntegrityError, NotFound, WarmstartError
 from warmstart.ray_serve import landing, plan
 from warmstart.ray_serve.landing import LandedFile, sha256
 from warmstart.ray_serve.plan import ObjectId
@@ -151,11 +151,13 @@ class Gateway:
         target, objects = self._listing(uri)
         version = landing.version_name([(o.key, o.size, o.etag) for o in objects])
         folder = os.path.join(self.root, version)
-        with self._lock:
-            active = {landing.object_name(o) for o in self._by_id} | \
-                {landing.object_name(o) for o in objects}
-        landing.evict(self.root, active, sum(o.size for o in objects),
-                      self.settings.cache_size)
+        with self._lock:  # kept: this version, and objects still landing
+            active = {landing.object_name(o) for o in objects} | {
+                landing.object_name(o) for o, e in self._by_id.items()
+                if len(e.ready) < e.file.piece_count()}
+        if landing.evict(self.root, active, sum(o.size for o in objects),
+                         self.settings.cache_size):
+            self._forget_evicted()
         landing.private_dir(folder)
         os.utime(folder)  # recently used: evicted last
         entries = [self._entry(o) for o in objects]
@@ -182,6 +184,16 @@ class Gateway:
             files = {path: (e.file.piece_size, e.file.piece_count(), tuple(sorted(e.ready)))
                      for path, e in zip(paths, entries)}
         return Prepared(os.path.join(folder, target) if target else folder, files)
+
+    def _forget_evicted(self) -> None:
+        """Drops the entries whose files eviction deleted (open readers keep their bytes)."""
+        with self._lock:
+            gone = [o for o, e in self._by_id.items() if not os.path.exists(e.file.path)]
+            entries = [self._by_id.pop(o) for o in gone]
+            for path in [p for p, e in self._objects.items() if e in entries]:
+                del self._objects[path]
+        for e in entries:
+            e.file.close()
 
     def _entry(self, obj: ObjectId) -> _Object:
         """The landed file of one object version (opened, and its record checked, once)."""
@@ -314,8 +326,11 @@ class Gateway:
             entry = self._objects.get(path)
             if entry is None:
                 raise NotFound(2, f"{path}: not a file this node's gateway is landing")
+            if not 0 <= index < entry.file.piece_count():
+                raise IntegrityError(f"{path}: has no piece {index} (it has "
+                                     f"{entry.file.piece_count()})")
             idle = index not in entry.ready and index not in entry.started
-        if idle and 0 <= index < entry.file.piece_count():  # asked for before its turn
+        if idle:  # asked for before its turn
             with contextlib.suppress(Exception):  # its error is reported just below
                 self.land(entry, index)
         with self._changed:

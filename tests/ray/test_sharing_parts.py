@@ -12,7 +12,7 @@ from concurrent.futures import Future
 import pytest
 import torch
 
-from warmstart.errors import AccessDenied, ConfigError, NotFound
+from warmstart.errors import AccessDenied, ConfigError, IntegrityError, NotFound
 from warmstart.ray_serve import plan
 from warmstart.ray_serve.gateway import Gateway
 from warmstart.ray_serve.landing import LandedFile, private_dir, sha256
@@ -275,10 +275,16 @@ def test_whole_versions_are_evicted_least_recently_used_first(s3_checkpoint, s3_
                  "n")
     try:
         first = _load_on(gw, f"s3://{BUCKET}/copy0/")[1]
-        gw.close()  # a new gateway (the old one held the version as active)
-        gw = Gateway(gw.settings, "n")
-        second = _load_on(gw, f"s3://{BUCKET}/copy1/")[1]
+        second = _load_on(gw, f"s3://{BUCKET}/copy1/")[1]  # the same long-lived gateway
         assert not os.path.exists(first.path) and os.path.exists(second.path)
+        held = {f.stat().st_ino: f.stat().st_blocks * 512 for f in (tmp_path / "c").rglob("*")
+                if f.is_file()}  # hard links counted once
+        assert sum(held.values()) <= 1.5 * size
+        got, again = _load_on(gw, f"s3://{BUCKET}/copy0/")  # landed again after eviction
+        _same(got, oracle(s3_checkpoint))
+        assert os.path.exists(again.path) and not os.path.exists(second.path)
+        with pytest.raises(IntegrityError, match="no piece 99"):
+            gw.wait_ready(next(iter(again.files)), 99)
     finally:
         gw.close()
 
