@@ -16,7 +16,7 @@ import torch
 
 from warmstart.errors import ConfigError, CudaUnavailable
 from warmstart.loader import sync
-from warmstart.loader.checkpoint import open_checkpoint
+from warmstart.loader.checkpoint import SourceWrapper, open_checkpoint
 from warmstart.loader.config import LoaderConfig
 from warmstart.loader.copy import CudaCopyEngine, HostCopyEngine
 from warmstart.loader.header import DTYPES
@@ -80,12 +80,15 @@ async def astream(uri: str, device: str | torch.device = "cpu", *,
                   _groups_ahead: int | None = STREAM_GROUPS_AHEAD,
                   _device_memory: DeviceMemory | None = None,
                   _cuda: CudaTarget | None = None,
+                  wrap_source: SourceWrapper | None = None,
                   **options) -> AsyncIterator[tuple[str, torch.Tensor]]:
     """Yields `(name, tensor)` as soon as each tensor's bytes have fully landed on `device`.
 
     `names` restricts the load to those tensors; `dtype` casts floating-point tensors.
     `options` override fields of `config` (e.g. `memory_budget="128MiB", concurrency=8`).
     For a GPU, tensors are meant for the caller's current stream (casts run on it).
+    `wrap_source(source) -> Source` wraps every file's source (e.g. the Ray node gateway's
+    gate that waits until a piece of a file being filled has landed).
     """
     cfg = resolve_config(config, options)
     # _cuda: resolved by load()/stream() on the caller's thread, not on the loop's
@@ -97,7 +100,7 @@ async def astream(uri: str, device: str | torch.device = "cpu", *,
         # Registered after the sources' stack, so it runs first (LIFO): sources close only
         # once no worker thread can still be reading from them.
         stack.push_async_callback(asyncio.to_thread, checkpoint_executor.shutdown, True)
-        ckpt = await open_checkpoint(uri, cfg, checkpoint_executor, inner)
+        ckpt = await open_checkpoint(uri, cfg, checkpoint_executor, inner, wrap_source)
         headers = [f.header for f in ckpt.files]
         mapped = mappable([f.source for f in ckpt.files], headers, dev, cfg)
         if mapped is not None:  # local, cached, for the CPU: views of the files, no copy
@@ -219,14 +222,15 @@ def _log_done(count: int, nbytes: int, uri: str, dev: torch.device, started: flo
 async def aload(uri: str, device: str | torch.device = "cpu", *,
                 names: Iterable[str] | None = None, dtype: torch.dtype | None = None,
                 config: LoaderConfig | None = None,
-                progress: Progress | None = None, _device_memory: DeviceMemory | None = None,
+                progress: Progress | None = None, wrap_source: SourceWrapper | None = None,
+                _device_memory: DeviceMemory | None = None,
                 _cuda: CudaTarget | None = None, **options) -> dict[str, torch.Tensor]:
     """Loads every (or each named) tensor; returns only once all of them have landed."""
     out: dict[str, torch.Tensor] = {}
     async for name, tensor in astream(uri, device, names=names, dtype=dtype, config=config,
                                       progress=progress, _groups_ahead=None,
                                       _device_memory=_device_memory, _cuda=_cuda,
-                                      **options):
+                                      wrap_source=wrap_source, **options):
         out[name] = tensor
     return out
 
@@ -234,7 +238,8 @@ async def aload(uri: str, device: str | torch.device = "cpu", *,
 def load(uri: str, device: str | torch.device = "cpu", *,
          names: Iterable[str] | None = None, dtype: torch.dtype | None = None,
          config: LoaderConfig | None = None,
-         progress: Progress | None = None, _device_memory: DeviceMemory | None = None,
+         progress: Progress | None = None, wrap_source: SourceWrapper | None = None,
+         _device_memory: DeviceMemory | None = None,
          **options) -> dict[str, torch.Tensor]:
     """Sync `aload`, run on warmstart's own I/O thread (safe inside a running event loop)."""
     # Resolved here: a bare "cuda" means the caller thread's current device, and the
@@ -242,16 +247,17 @@ def load(uri: str, device: str | torch.device = "cpu", *,
     cfg = resolve_config(config, options)  # bad options fail here, on the caller's thread
     dev, cuda = _device(device, _device_memory)
     return sync.run(aload(uri, dev, names=names, dtype=dtype, config=cfg, progress=progress,
-                          _cuda=cuda))
+                          wrap_source=wrap_source, _cuda=cuda))
 
 
 def stream(uri: str, device: str | torch.device = "cpu", *,
            names: Iterable[str] | None = None, dtype: torch.dtype | None = None,
            config: LoaderConfig | None = None,
-           progress: Progress | None = None, _device_memory: DeviceMemory | None = None,
+           progress: Progress | None = None, wrap_source: SourceWrapper | None = None,
+           _device_memory: DeviceMemory | None = None,
            **options) -> Iterator[tuple[str, torch.Tensor]]:
     """Sync `astream`: yields `(name, tensor)` as each tensor lands."""
     cfg = resolve_config(config, options)
     dev, cuda = _device(device, _device_memory)
     return sync.iterate(astream(uri, dev, names=names, dtype=dtype, config=cfg,
-                                progress=progress, _cuda=cuda))
+                                progress=progress, wrap_source=wrap_source, _cuda=cuda))

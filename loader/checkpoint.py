@@ -16,6 +16,7 @@ import posixpath
 from concurrent.futures import Executor
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
+from typing import Callable
 
 from warmstart.errors import (DuplicateTensor, FormatError, IntegrityError, NotFound,
                               ShardIndexError)
@@ -71,8 +72,13 @@ def _pick_index(names: list[str], where: str) -> str | None:
     return indexes[0] if indexes else None
 
 
+SourceWrapper = Callable[[Source], Source]
+
+
 class _Resolver:
-    def __init__(self, config: LoaderConfig, executor: Executor, stack: AsyncExitStack):
+    def __init__(self, config: LoaderConfig, executor: Executor, stack: AsyncExitStack,
+                 wrap_source: SourceWrapper | None = None):
+        self.wrap_source = wrap_source
         self.config = config
         self.executor = executor
         self.stack = stack
@@ -83,6 +89,8 @@ class _Resolver:
 
     def _wrap(self, source: Source) -> Source:
         self.stack.push_async_callback(source.close)
+        if self.wrap_source is not None:
+            source = self.wrap_source(source)
         return RetryingSource(source, self.policy)
 
     def local(self, path: str) -> Source:
@@ -231,9 +239,11 @@ async def _with_sums(resolver: "_Resolver", source: Source) -> Source:
 
 
 async def open_checkpoint(uri: str, config: LoaderConfig, executor: Executor,
-                          stack: AsyncExitStack) -> Checkpoint:
-    """Resolves `uri` and validates every header; sources close when `stack` closes."""
-    resolver = _Resolver(config, executor, stack)
+                          stack: AsyncExitStack,
+                          wrap_source: SourceWrapper | None = None) -> Checkpoint:
+    """Resolves `uri` and validates every header; sources close when `stack` closes.
+    `wrap_source`, when given, wraps every source opened (beneath the retry layer)."""
+    resolver = _Resolver(config, executor, stack, wrap_source)
     sources, index = await resolver.resolve(str(uri))
     if config.verify:
         sources = list(await asyncio.gather(*(_with_sums(resolver, s) for s in sources)))

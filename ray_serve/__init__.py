@@ -6,12 +6,14 @@ Layers, each importing only the ones below it (none of them is imported by the l
                as Ray metrics
   llm          `WarmstartCallback` for `ray.serve.llm`: `load_format="warmstart"` without
                downloading the safetensors files first
-  node_actor   `NodeGateway`, the Ray actor per node that runs a gateway and its S3 front
-  s3front      the subset of the S3 HTTP API the loader uses, served on 127.0.0.1
-  gateway      answers reads piece by piece: node cache, this node's share from object
+  node_read    the replica's side: loads the node copy as local files, each read waiting
+               (a Ray call to the gateway) until the pieces under it have landed
+  node_actor   `NodeGateway`, the Ray actor per node that runs a gateway (no socket)
+  gateway      lands a checkpoint on the node piece by piece: this node's share from object
                storage, other pieces from the owner node's gateway (digest-checked, falling
                back to object storage)
-  chunk_cache  node-local, content-addressed, size-bounded store of pieces (atomic writes)
+  landing      the node-local landing area: 0700 folder, 0600 files filled in place, a
+               record of landed pieces, whole-version eviction
   plan         pure functions: pieces of an object, which node owns which piece
   settings     `SharingConfig`, the typed options of all of the above
 Ray is imported lazily, so `import warmstart.ray_serve` works without Ray installed.

@@ -6,7 +6,9 @@ replicas on N simulated nodes (`ray.cluster_utils.Cluster`), warmstart vs downlo
 
 The checkpoint (2 bf16 shards) lives in a local `localbucket` S3 server behind a counting proxy.
 Methods, measured side by side in the same clusters (order alternating per repetition):
-  warmstart  `load_in_replica` with cluster sharing (fresh chunk cache and gateways each run)
+  warmstart  `load_in_replica` with cluster sharing (fresh node cache and gateways each run)
+  warm       right after a warmstart run, a second scale-up of the same deployment: the
+             gateways are still up and the node copies complete (local-disk speed)
   download   Ray's own download path for ray.serve.llm (`CloudFileSystem.download_model`, all
              files to a fresh folder on local disk), then `safetensors.torch.load_file`
 Writes DIR/ray_serve_bench.json and prints a markdown table (medians).
@@ -26,6 +28,7 @@ import time
 from pathlib import Path
 
 METHODS = ("warmstart", "download")
+ALL_METHODS = ("warmstart", "warm", "download")
 BUCKET = "bench"
 
 
@@ -50,10 +53,11 @@ class BenchReplica:
         return len(self.weights)
 
 
-def _one(serve, n: int, method: str, uri: str, work: Path, run: str):
+def _one(serve, n: int, method: str, uri: str, work: Path, run: str, cache: str,
+         keep: bool = False):
     from warmstart.ray_serve.node_actor import stop_gateways
 
-    sharing = {"cache_dir": str(work / f"chunks-{run}-{{node_id}}")}
+    sharing = {"cache_dir": str(work / f"{cache}-{{node_id}}")}
     deployment = serve.deployment(
         BenchReplica, name="bench", num_replicas=n,
         ray_actor_options={"num_cpus": 0, "resources": {"bench_node": 1}})
@@ -63,9 +67,10 @@ def _one(serve, n: int, method: str, uri: str, work: Path, run: str):
     handle.ready.remote().result()
     seconds = time.perf_counter() - started
     serve.delete(run)
-    stop_gateways()
-    for child in work.iterdir():
-        shutil.rmtree(child, ignore_errors=True)
+    if not keep:
+        stop_gateways()
+        for child in work.iterdir():
+            shutil.rmtree(child, ignore_errors=True)
     return seconds
 
 
@@ -123,9 +128,15 @@ def main(argv=None) -> None:
                     for rep in range(args.runs):
                         # alternate which method goes first, so neither always pays for a
                         # cold cluster (first worker processes, Serve's first deployment)
-                        for method in (METHODS if rep % 2 == 0 else METHODS[::-1]):
+                        order = METHODS if rep % 2 == 0 else METHODS[::-1]
+                        steps = [m2 for m in order
+                                 for m2 in ((m, "warm") if m == "warmstart" else (m,))]
+                        for method in steps:
                             proxy.reset_stats()
-                            seconds = _one(serve, n, method, uri, work, f"r{n}{method}{rep}")
+                            seconds = _one(serve, n, method if method != "warm"
+                                           else "warmstart", uri, work,
+                                           f"r{n}{method}{rep}", f"cache{n}{rep}",
+                                           keep=method == "warmstart")
                             proxy.wait_idle(60)
                             read = sum(v for k, v in proxy.stats().bytes_by_key.items()
                                        if k.endswith(".safetensors"))
@@ -139,7 +150,7 @@ def main(argv=None) -> None:
                     cluster.shutdown()
     summary = []
     for n in args.nodes:
-        for method in METHODS:
+        for method in ALL_METHODS:
             mine = [r for r in rows if r["nodes"] == n and r["method"] == method]
             summary.append({"nodes": n, "method": method,
                             "median_seconds": statistics.median(r["seconds"] for r in mine),
@@ -152,11 +163,14 @@ def main(argv=None) -> None:
               f"{platform.machine()}", "rows": rows, "summary": summary}
     (out / "ray_serve_bench.json").write_text(json.dumps(result, indent=2))
     print(f"\ncheckpoint {ckpt_bytes / 1e9:.2f} GB, median of {args.runs} runs\n")
-    print("| nodes = replicas | method | serve.run to first answer (s) | S3 bytes / checkpoint |")
-    print("|---|---|---|---|")
+    print("| nodes = replicas | method | serve.run to first answer (s) | vs download | "
+          "S3 bytes / checkpoint |")
+    print("|---|---|---|---|---|")
     for s in summary:
-        print(f"| {s['nodes']} | {s['method']} | {s['median_seconds']:.1f} | "
-              f"{s['median_s3_ratio']:.2f}x |")
+        base = next(b["median_seconds"] for b in summary
+                    if b["nodes"] == s["nodes"] and b["method"] == "download")
+        print(f"| {s['nodes']} | {s['method']} | {s['median_seconds']:.2f} | "
+              f"{s['median_seconds'] / base:.2f}x | {s['median_s3_ratio']:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -1,41 +1,72 @@
-"""One gateway per node: the loader reads s3:// through it, and nodes share pieces over Ray.
+"""One gateway per node: it lands a checkpoint's pieces on the node, and nodes share pieces.
 
-`Gateway` (plain Python, the logic) answers reads piece by piece:
-  1. from the node-local `ChunkCache` (verified against the digest that names it);
-  2. a piece of this node's share (`plan.owner`): a ranged GET from object storage, at most
-     once per piece at a time on this node (concurrent readers wait for the one fetch);
-  3. any other piece: from the owner's gateway through Ray (`piece.remote()`; the bytes travel
-     in Ray's object store). The owner hands back the digest it computed when it read the
-     piece from object storage; bytes that do not hash to it, a dead owner, or one slower than
-     `peer_timeout` make this node read the piece from object storage itself.
-The Ray actor around it is `node_actor.NodeGateway`.
+`Gateway` (plain Python, the logic; the Ray actor around it is `node_actor.NodeGateway`):
+  * `prepare(uri)` lists the checkpoint's objects in object storage, creates their files in
+    the node-local landing area (`landing`: 0700 folder, 0600 files, full size, sparse),
+    lands small objects (indexes, sidecars) at once, and queues every piece of the large
+    ones, in file order, for `prefetch` landing workers. It returns at once with the local
+    folder and what is already landed: the replica starts loading while pieces arrive.
+  * A landing worker gets piece i from object storage when this node owns it (`plan.owner`;
+    a ranged GET, retried by warmstart.storage's one policy), else from the owner's gateway
+    through Ray (`piece_for_peer`; the bytes travel in Ray's object store) together with
+    the SHA-256 the owner computed when it read the piece from object storage: bytes that do
+    not match it, a dead owner, or one slower than `peer_timeout` make this node read the
+    piece from object storage itself. The verified piece is written in place, then recorded.
+  * `wait_ready(file, i)` blocks until piece i of a file is landed (or failed) and returns
+    every landed index of that file: the replica's control channel.
+A gateway restarted on a warm node re-checks the recorded pieces against their digests once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import posixpath
 import threading
 import time
-from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Callable
 
-from warmstart.ray_serve import plan
-from warmstart.ray_serve.chunk_cache import ChunkCache, sha256
+from warmstart.errors import IntegrityError, NotFound, WarmstartError
+from warmstart.ray_serve import landing, plan
+from warmstart.ray_serve.landing import LandedFile, sha256
 from warmstart.ray_serve.plan import ObjectId
 from warmstart.ray_serve.settings import SharingConfig
 from warmstart.storage import sync
 from warmstart.storage.config import StorageConfig
-from warmstart.storage.retry import RetryPolicy
 from warmstart.storage.s3 import S3Client
 from warmstart.storage.source import Target
-from warmstart.storage.uri import S3Uri
+from warmstart.storage.uri import S3Uri, parse_s3
 
 log = logging.getLogger("warmstart.ray_serve")
-HEAD_TTL = 30.0  # seconds a HEAD answer is reused (objects are versioned by size + ETag)
+LANDED_SUFFIXES = (".safetensors", ".json", ".sums")  # what the loader reads of a folder
 
 # (node id, object, piece index) -> (digest, bytes); raises on any failure
 PeerFetch = Callable[[str, ObjectId, int], tuple[str, bytes]]
+
+
+@dataclass
+class _Object:
+    obj: ObjectId
+    file: LandedFile
+    ready: dict[int, str] = field(default_factory=dict)  # index -> digest
+    failed: dict[int, BaseException] = field(default_factory=dict)
+    started: set[int] = field(default_factory=set)  # being landed by some thread
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What a replica needs to read a checkpoint from the node: `path` is what to load;
+    `files` maps each landed file to (piece size, piece count, landed indexes)."""
+
+    path: str
+    files: dict[str, tuple[int, int, tuple[int, ...]]]
+
+    @property
+    def complete(self) -> bool:
+        return all(len(ready) == count for _, count, ready in self.files.values())
 
 
 class Gateway:
@@ -44,126 +75,201 @@ class Gateway:
                  peer_fetch: PeerFetch | None = None, on_bytes=None) -> None:
         self.settings = settings
         self.node_id = node_id
-        self.cache = ChunkCache(settings.cache_dir.replace("{node_id}", node_id),
-                                settings.cache_size)
+        self.root = landing.private_dir(settings.cache_dir.replace("{node_id}", node_id)
+                                        .replace("{uid}", str(os.getuid())))
         self._nodes = nodes or (lambda: (node_id,))
         self._peer_fetch = peer_fetch
         self._on_bytes = on_bytes or (lambda source, n: None)
-        self._storage = StorageConfig.from_env(
-            endpoint_url=settings.s3_endpoint_url, max_connections=64,
-            # one try per request here: a transient failure reaches the loader as a 503,
-            # and the loader's retry policy is the one retry loop
-            retry=RetryPolicy(max_attempts=1))
+        # the gateway is the one retry loop for its requests (the loader reads local files)
+        self._storage = StorageConfig.from_env(endpoint_url=settings.s3_endpoint_url,
+                                               max_connections=64)
         self._client: S3Client | None = None
         self._lock = threading.Lock()
-        self._inflight: dict[str, Future] = {}
-        self._heads: dict[tuple[str, str], tuple[ObjectId, float, float]] = {}
+        self._changed = threading.Condition(self._lock)
+        self._inflight: dict[tuple[ObjectId, int], Future] = {}
+        self._objects: dict[str, _Object] = {}  # path in a version folder -> object
+        self._by_id: dict[ObjectId, _Object] = {}
         self._participants: dict[ObjectId, tuple[str, ...]] = {}
         self._failed_peers: set[str] = set()
-        self._prefetched: set[ObjectId] = set()
-        self._hot: OrderedDict[str, tuple[str, bytes]] = OrderedDict()  # key -> piece
-        self._hot_bytes = 0
-        self._pending: dict[str, tuple[str, bytes]] = {}  # fetched, not yet on disk
-        self._pending_bytes = 0
-        self._written = threading.Condition(self._lock)
-        self._prefetch = ThreadPoolExecutor(max(settings.prefetch, 1),
-                                            thread_name_prefix="warmstart-prefetch")
-        self._writer = ThreadPoolExecutor(1, thread_name_prefix="warmstart-cache-writer")
-        self.counters = {"s3_bytes": 0, "peer_bytes": 0, "cache_bytes": 0, "served_bytes": 0,
+        self._workers = ThreadPoolExecutor(max(settings.prefetch, 1),
+                                           thread_name_prefix="warmstart-landing")
+        self.counters = {"s3_bytes": 0, "peer_bytes": 0, "cache_bytes": 0,
                          "peer_failures": 0, "digest_mismatches": 0, "s3_requests": 0,
-                         "s3_seconds": 0.0, "peer_seconds": 0.0}
+                         "s3_seconds": 0.0, "peer_seconds": 0.0, "landed_pieces": 0}
 
-    def _count(self, name: str, n: int = 1) -> None:
+    def _count(self, name: str, n: float = 1) -> None:
         with self._lock:
             self.counters[name] += n
 
-    # --- metadata, straight from object storage ----------------------------------------
-    def head(self, bucket: str, key: str) -> tuple[ObjectId, float]:
-        now = time.monotonic()
+    # --- object storage, through warmstart.storage's one client -------------------------
+    def _s3(self) -> S3Client:
         with self._lock:
-            hit = self._heads.get((bucket, key))
-        if hit and now - hit[2] < HEAD_TTL:
-            return hit[0], hit[1]
-        info = sync.run(self._s3().head(S3Uri(bucket, key)))
-        obj = ObjectId(bucket, key, info.size, info.etag)
-        mtime = info.mtime if info.mtime is not None else time.time()
+            if self._client is None:
+                self._client = sync.run(S3Client(self._storage).__aenter__())
+            return self._client
+
+    def _get_into(self, obj: ObjectId, offset: int, view: memoryview) -> None:
+        """Bytes [offset, offset + len(view)) of `obj` into `view` (the mapped file)."""
+        started = time.perf_counter()
+        sync.run(self._s3().get_into(S3Uri(obj.bucket, obj.key), offset, Target.of(view),
+                                     etag=obj.etag or None))
+        self._count("s3_seconds", time.perf_counter() - started)
+        self._count("s3_requests")
+        self._count("s3_bytes", len(view))
+        self._on_bytes("s3", len(view))
+
+    def _listing(self, uri: str) -> tuple[str, list[ObjectId]]:
+        """(the name to load inside the version folder, the objects to land)."""
+        parsed = parse_s3(uri)
+        client = self._s3()
+        if parsed.key.endswith(".safetensors"):
+            info = sync.run(client.head(parsed))
+            return (posixpath.basename(parsed.key),
+                    [ObjectId(parsed.bucket, parsed.key, info.size, info.etag)])
+        if parsed.key.endswith(".json"):
+            prefix, target = posixpath.dirname(parsed.key), posixpath.basename(parsed.key)
+        else:
+            prefix, target = parsed.key.rstrip("/"), ""
+        prefix = prefix + "/" if prefix else ""
+        objects, token = [], None
+        while True:
+            page = sync.run(client.list_page(parsed.bucket, prefix, "/", token))
+            objects += [ObjectId(parsed.bucket, o["Key"], int(o["Size"]), o.get("ETag", ""))
+                        for o in page.get("Contents", []) if o["Key"].endswith(LANDED_SUFFIXES)]
+            token = page.get("NextContinuationToken")
+            if not page.get("IsTruncated") or not token:
+                break
+        if not objects:
+            raise NotFound(2, f"s3://{parsed.bucket}/{prefix}: no .safetensors objects under "
+                              f"this prefix")
+        return target, objects
+
+    # --- preparing a checkpoint on the node ---------------------------------------------
+    def prepare(self, uri: str) -> Prepared:
+        """Creates the checkpoint's files on the node, queues what is not landed yet, and
+        returns at once (small objects are landed before it returns)."""
+        target, objects = self._listing(uri)
+        version = landing.version_name([(o.key, o.size, o.etag) for o in objects])
+        folder = os.path.join(self.root, version)
+        with self._lock:  # kept: this version, and objects still landing
+            active = {landing.object_name(o) for o in objects} | {
+                landing.object_name(o) for o, e in self._by_id.items()
+                if len(e.ready) < e.file.piece_count()}
+        if landing.evict(self.root, active, sum(o.size for o in objects),
+                         self.settings.cache_size):
+            self._forget_evicted()
+        landing.private_dir(folder)
+        os.utime(folder)  # recently used: evicted last
+        entries = [self._entry(o) for o in objects]
+        paths = []
+        for e in entries:  # the version folder names each object as object storage does
+            path = os.path.join(folder, posixpath.basename(e.obj.key))
+            landing.link(e.file.path, path)
+            with self._lock:
+                self._objects[path] = e
+            paths.append(path)
+        for e in entries:  # small ones now: the loader reads indexes and headers first
+            if e.obj.size < self.settings.piece_size:
+                self.land(e, 0)
+        big = [e for e in entries if e.obj.size >= self.settings.piece_size]
+        # every file's first piece first (the loader reads all headers before any data),
+        # then the rest in file order; a replica waiting for a piece not started yet lands
+        # it itself (wait_ready), so the order is a hint, never a deadlock
+        queue = [(e, 0) for e in big] + [(e, i) for e in big
+                                         for i in range(1, e.file.piece_count())]
+        for e, index in queue:
+            if index not in e.ready:
+                self._workers.submit(self._quiet_land, e, index)
         with self._lock:
-            self._heads[(bucket, key)] = (obj, mtime, now)
-        return obj, mtime
+            files = {path: (e.file.piece_size, e.file.piece_count(), tuple(sorted(e.ready)))
+                     for path, e in zip(paths, entries)}
+        return Prepared(os.path.join(folder, target) if target else folder, files)
 
-    def list(self, bucket: str, prefix: str, delimiter: str, token: str | None,
-             max_keys: int) -> tuple[list[dict], list[str], str | None]:
-        resp = sync.run(self._s3().list_page(bucket, prefix, delimiter, token, max_keys))
-        contents = [{"Key": o["Key"], "Size": int(o["Size"]), "ETag": o.get("ETag", ""),
-                     "LastModified": o["LastModified"].strftime("%Y-%m-%dT%H:%M:%S.000Z")}
-                    for o in resp.get("Contents", [])]
-        prefixes = [p["Prefix"] for p in resp.get("CommonPrefixes", [])]
-        return contents, prefixes, resp.get("NextContinuationToken")
-
-    # --- data ---------------------------------------------------------------------------
-    def read(self, obj: ObjectId, offset: int, length: int) -> Iterator[memoryview]:
-        """Bytes [offset, offset + length) of `obj`, as blocks in order."""
-        size = self.settings.piece_size
-        if obj.size < size or self.settings.mode == "off":  # small: not worth sharing
-            data = self._get_range(obj, offset, length)
-            self._count("served_bytes", length)
-            yield memoryview(data)
-            return
-        self._start_prefetch(obj)
-        for index in plan.pieces_in_range(offset, length, obj.size, size):
-            piece_start = index * size
-            data = self.piece(obj, index)
-            lo = max(offset, piece_start) - piece_start
-            hi = min(offset + length, piece_start + len(data)) - piece_start
-            self._count("served_bytes", hi - lo)
-            yield memoryview(data)[lo:hi]
-
-    def _in_memory(self, key: str) -> tuple[str, bytes] | None:
+    def _forget_evicted(self) -> None:
+        """Drops the entries whose files eviction deleted (open readers keep their bytes)."""
         with self._lock:
-            hot = self._hot.get(key)
-            if hot is not None:
-                self._hot.move_to_end(key)
-                return hot
-            return self._pending.get(key)
+            gone = [o for o, e in self._by_id.items() if not os.path.exists(e.file.path)]
+            entries = [self._by_id.pop(o) for o in gone]
+            for path in [p for p, e in self._objects.items() if e in entries]:
+                del self._objects[path]
+        for e in entries:
+            e.file.close()
 
-    def piece(self, obj: ObjectId, index: int) -> bytes:
-        key = self._key(obj, index)
-        hot = self._in_memory(key)
-        if hot is None:
-            hot = self._single_flight(obj, index, self._obtain)
-            self._keep_hot(key, hot)
-        return hot[1]
-
-    def _keep_hot(self, key: str, piece: tuple[str, bytes]) -> None:
-        """Recently used pieces stay in memory: the loader's requests do not line up with
-        pieces, so most pieces are asked for twice, and re-reading + re-hashing costs."""
-        n = len(piece[1])
+    def _entry(self, obj: ObjectId) -> _Object:
+        """The landed file of one object version (opened, and its record checked, once)."""
         with self._lock:
-            if key in self._hot or n > self.settings.memory_size:
+            entry = self._by_id.get(obj)
+            if entry is not None:
+                entry.failed.clear()  # a new prepare tries failed pieces again
+                return entry
+        objects = landing.private_dir(os.path.join(self.root, landing.OBJECTS))
+        file = LandedFile(os.path.join(objects, landing.object_name(obj)), obj.size,
+                          self.settings.piece_size)
+        entry = _Object(obj, file)
+        for index, digest in file.recorded().items():  # a warm node: check once, then trust
+            if index < file.piece_count() and file.check(index, digest):
+                entry.ready[index] = digest
+        warm = sum(file.piece_span(i)[1] for i in entry.ready)
+        self._count("cache_bytes", warm)
+        self._on_bytes("cache", warm)
+        with self._lock:
+            return self._by_id.setdefault(obj, entry)
+
+    def _quiet_land(self, entry: _Object, index: int) -> None:
+        try:
+            self.land(entry, index)
+        except Exception as exc:  # noqa: BLE001 - handed to the replica by wait_ready
+            log.warning("warmstart gateway: landing %s piece %d failed: %s", entry.obj.name,
+                        index, exc)
+
+    def land(self, entry: _Object, index: int) -> None:
+        """Piece `index` of `entry` in its file, from a peer or object storage; a piece
+        another thread is landing already is left to it."""
+        with self._lock:
+            if index in entry.ready or index in entry.started:
                 return
-            self._hot[key] = piece
-            self._hot_bytes += n
-            while self._hot_bytes > self.settings.memory_size:
-                _, (_, old) = self._hot.popitem(last=False)
-                self._hot_bytes -= len(old)
+            entry.started.add(index)
+        try:
+            owner = self._owner(entry.obj, index)
+            got = None
+            small = entry.obj.size < self.settings.piece_size  # not worth a peer's round trip
+            if not small and owner != self.node_id and owner not in self._failed_peers:
+                got = self._from_peer(owner, entry.obj, index)
+            if got is None:
+                got = self._single_flight(entry, index)
+            else:
+                self._write(entry, index, *got)
+        except BaseException as exc:
+            with self._changed:
+                entry.failed[index] = exc
+                entry.started.discard(index)
+                self._changed.notify_all()
+            raise
 
-    def piece_for_peer(self, obj: ObjectId, index: int) -> tuple[str, bytes]:
-        """A piece this node owns, with the digest it had when it was read from object
-        storage. The cached copy is not re-hashed here: the asking node checks it."""
-        key = self._key(obj, index)
-        hot = self._in_memory(key)
-        if hot is not None:
-            return hot
-        hit = self.cache.get_named(key, verify=False)
-        if hit is not None:
-            return hit
-        return self._single_flight(obj, index, self._from_storage)
+    def _write(self, entry: _Object, index: int, digest: str, data) -> None:
+        with self._lock:
+            if index in entry.ready:
+                return
+        entry.file.write(index, data, digest)
+        self._mark(entry, index, digest, recorded=True)
 
-    def _key(self, obj: ObjectId, index: int) -> str:
-        return plan.piece_key(obj, self.settings.piece_size, index)
+    def _mark(self, entry: _Object, index: int, digest: str, recorded: bool = False) -> None:
+        with self._lock:
+            if index in entry.ready:
+                return
+        if not recorded:
+            entry.file.record(index, digest)
+        with self._changed:
+            entry.ready[index] = digest
+            entry.failed.pop(index, None)
+            entry.started.discard(index)
+            self.counters["landed_pieces"] += 1
+            self._changed.notify_all()
 
-    def _single_flight(self, obj: ObjectId, index: int, produce) -> tuple[str, bytes]:
-        key = self._key(obj, index)
+    def _single_flight(self, entry: _Object, index: int) -> tuple[str, bytes]:
+        """Reads piece `index` from object storage and lands it; concurrent callers for the
+        same piece wait for the one read."""
+        key = (entry.obj, index)
         with self._lock:
             fut = self._inflight.get(key)
             mine = fut is None
@@ -172,7 +278,13 @@ class Gateway:
         if not mine:
             return fut.result()
         try:
-            result = produce(obj, index)
+            start, length = entry.file.piece_span(index)
+            with entry.file.span(index) as view:
+                if length:
+                    self._get_into(entry.obj, start, view)
+                digest = sha256(view)
+            self._mark(entry, index, digest)
+            result = (digest, None)  # the bytes are in the file
         except BaseException as exc:
             fut.set_exception(exc)
             raise
@@ -182,23 +294,6 @@ class Gateway:
         finally:
             with self._lock:
                 self._inflight.pop(key, None)
-
-    def _obtain(self, obj: ObjectId, index: int) -> tuple[str, bytes]:
-        key = self._key(obj, index)
-        hit = self._in_memory(key)
-        if hit is not None:
-            return hit
-        hit = self.cache.get_named(key)
-        if hit is not None:
-            self._count("cache_bytes", len(hit[1]))
-            self._on_bytes("cache", len(hit[1]))
-            return hit
-        owner = self._owner(obj, index)
-        if owner != self.node_id and owner not in self._failed_peers:
-            got = self._from_peer(owner, obj, index)
-            if got is not None:
-                return got
-        return self._from_storage(obj, index)
 
     def _from_peer(self, owner: str, obj: ObjectId, index: int) -> tuple[str, bytes] | None:
         what = f"{obj.name} piece {index} from node {owner[:12]}"
@@ -219,70 +314,48 @@ class Gateway:
             log.warning("warmstart gateway: %s does not match its digest %s; reading it "
                         "from object storage", what, digest[:16])
             return None
-        self._store(self._key(obj, index), data, digest)
         self._count("peer_bytes", len(data))
         self._on_bytes("peer", len(data))
         return digest, data
 
-    def _from_storage(self, obj: ObjectId, index: int) -> tuple[str, bytes]:
-        piece = plan.pieces(obj.size, self.settings.piece_size)[index]
-        data = self._get_range(obj, piece.offset, piece.length)
-        digest = sha256(data)
-        self._store(self._key(obj, index), data, digest)
-        return digest, data
-
-    def _store(self, key: str, data: bytes, digest: str) -> None:
-        """Writes a verified piece to the node cache off the read path (readers meanwhile
-        get it from memory: `_keep_hot`, or the single flight that produced it)."""
-        self._keep_hot(key, (digest, data))
-        with self._written:  # back-pressure: fetching never runs far ahead of the disk
-            self._written.wait_for(lambda: not self._pending or
-                                   self._pending_bytes < self.settings.memory_size)
-            if key in self._pending:
-                return
-            self._pending[key] = (digest, data)
-            self._pending_bytes += len(data)
-        self._writer.submit(self._quiet_store, key, data, digest)
-
-    def _quiet_store(self, key: str, data: bytes, digest: str) -> None:
-        try:
-            self.cache.put_named(key, data, digest, verified=True)
-        except OSError as exc:  # a full or read-only disk costs refetches, not the load
-            log.warning("warmstart gateway: cannot cache a piece in %s: %s", self.cache.root,
-                        exc)
-        finally:
-            with self._written:
-                if self._pending.pop(key, None) is not None:
-                    self._pending_bytes -= len(data)
-                self._written.notify_all()
-
-    def _get_range(self, obj: ObjectId, offset: int, length: int) -> bytes:
-        started = time.perf_counter()
-        data = self._get_range_from_s3(obj, offset, length)
-        self._count("s3_seconds", time.perf_counter() - started)
-        self._count("s3_requests")
-        self._count("s3_bytes", length)
-        self._on_bytes("s3", length)
-        return data
-
-    def _s3(self) -> S3Client:
+    # --- what replicas and peers call ---------------------------------------------------
+    def wait_ready(self, path: str, index: int, timeout: float | None = None) -> tuple[int, ...]:
+        """Blocks until piece `index` of the landed file `path` is on the node; returns every
+        landed index of that file. The landing's own error if it failed."""
         with self._lock:
-            if self._client is None:
-                self._client = sync.run(S3Client(self._storage).__aenter__())
-            return self._client
+            entry = self._objects.get(path)
+            if entry is None:
+                raise NotFound(2, f"{path}: not a file this node's gateway is landing")
+            if not 0 <= index < entry.file.piece_count():
+                raise IntegrityError(f"{path}: has no piece {index} (it has "
+                                     f"{entry.file.piece_count()})")
+            idle = index not in entry.ready and index not in entry.started
+        if idle:  # asked for before its turn
+            with contextlib.suppress(Exception):  # its error is reported just below
+                self.land(entry, index)
+        with self._changed:
+            ok = self._changed.wait_for(lambda: index in entry.ready or index in entry.failed,
+                                        timeout)
+            if index in entry.failed:
+                exc = entry.failed[index]
+                if isinstance(exc, WarmstartError):
+                    raise exc
+                raise WarmstartError(f"{entry.obj.name} piece {index}: landing on the node "
+                                     f"failed: {exc}") from exc
+            if not ok:
+                raise TimeoutError(f"{entry.obj.name} piece {index}: not on the node after "
+                                   f"{timeout}s")
+            return tuple(sorted(entry.ready))
 
-    def _get_range_from_s3(self, obj: ObjectId, offset: int, length: int) -> bytearray:
-        """Received straight into the buffer it returns (no copy into a `bytes`)."""
-        buf = bytearray(length)
-        sync.run(self._s3().get_into(S3Uri(obj.bucket, obj.key), offset, Target.of(buf),
-                                     etag=obj.etag or None))
-        return buf
-
-    def close(self) -> None:
+    def piece_for_peer(self, obj: ObjectId, index: int) -> tuple[str, bytes]:
+        """A piece this node owns, with the digest it had when it was read from object
+        storage (the asking node checks the bytes against it)."""
+        entry = self._entry(obj)  # a node whose own replica has not asked yet lands it too
         with self._lock:
-            client, self._client = self._client, None
-        if client is not None:
-            sync.run(client.__aexit__(None, None, None))
+            digest = entry.ready.get(index)
+        if digest is None:
+            digest = self._single_flight(entry, index)[0]
+        return digest, entry.file.read(index)
 
     # --- shares -------------------------------------------------------------------------
     def _owner(self, obj: ObjectId, index: int) -> str:
@@ -296,27 +369,16 @@ class Gateway:
                 nodes = self._participants.setdefault(obj, nodes)
         return plan.owner(obj, index, nodes)
 
-    def _start_prefetch(self, obj: ObjectId) -> None:
-        """On the first read of `obj`: fetch this node's share ahead, so peers find it."""
-        with self._lock:
-            if self.settings.prefetch == 0 or obj in self._prefetched:
-                return
-            self._prefetched.add(obj)
-        for p in plan.pieces(obj.size, self.settings.piece_size):
-            if self._owner(obj, p.index) == self.node_id:
-                self._prefetch.submit(self._quiet_piece, obj, p.index)
-
-    def _quiet_piece(self, obj: ObjectId, index: int) -> None:
-        try:
-            self.piece(obj, index)
-        except Exception as exc:  # noqa: BLE001 - a reader asking for it will see the error
-            log.debug("warmstart gateway: prefetch of %s piece %d failed: %s", obj.name,
-                      index, exc)
-
-    def flush(self) -> None:
-        """Waits until every piece fetched so far is in the node cache."""
-        self._writer.submit(lambda: None).result()
-
     def stats(self) -> dict:
         with self._lock:
             return dict(self.counters)
+
+    def close(self) -> None:
+        self._workers.shutdown(wait=True, cancel_futures=True)
+        with self._lock:
+            client, self._client = self._client, None
+            entries = list(self._by_id.values())
+        for e in entries:
+            e.file.close()
+        if client is not None:
+            sync.run(client.__aexit__(None, None, None))

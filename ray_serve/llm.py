@@ -35,9 +35,10 @@ log = logging.getLogger("ray.serve.warmstart")
 
 
 def plan_extra_config(extra: Any, weights: str | None, mirror_uri: str | None,
-                      gateway_endpoint: str | None) -> dict:
-    """The plugin's `model_loader_extra_config` with the weights location and the gateway
-    endpoint filled in (the user's own keys win). Pure; validated by the plugin's parser."""
+                      node_path: str | None) -> dict:
+    """The plugin's `model_loader_extra_config` with the weights location filled in: the
+    node copy `node_path` of an s3:// checkpoint when there is one (the user's own keys win).
+    Pure; validated by the plugin's parser."""
     if isinstance(extra, str):
         try:
             extra = json.loads(extra) if extra.strip() else {}
@@ -50,9 +51,9 @@ def plan_extra_config(extra: Any, weights: str | None, mirror_uri: str | None,
     uri = out.get("weights") or weights or mirror_uri
     if uri:
         out["weights"] = uri
-    if gateway_endpoint and str(uri or "").startswith("s3://"):
-        out.setdefault("s3_endpoint_url", gateway_endpoint)
-        out.setdefault("s3_data_path", "raw")
+    if node_path and str(uri or "").startswith("s3://"):
+        out["weights"] = node_path
+        out.setdefault("node_cache", "off")  # the ranks share the gateway's node copy
     from warmstart.vllm_plugin.options import parse_extra_config
 
     parse_extra_config(out)
@@ -82,21 +83,35 @@ class WarmstartCallback(CallbackBase):
         mirror = getattr(engine_config, "mirror_config", None)
         mirror_uri = getattr(mirror, "bucket_uri", None)
         uri = self.weights or mirror_uri
-        endpoint = None
+        node_path = None
+        extra_in = kwargs.get("model_loader_extra_config")
+        if isinstance(extra_in, Mapping) and extra_in.get("weights"):
+            uri = extra_in["weights"]
         if self.sharing.mode != "off" and str(uri or "").startswith("s3://"):
-            endpoint = _gateway_endpoint(self.sharing)
-        extra = plan_extra_config(kwargs.get("model_loader_extra_config"), self.weights,
-                                  mirror_uri, endpoint)
+            node_path = _node_copy(uri, self.sharing)
+        extra = plan_extra_config(extra_in, self.weights, mirror_uri, node_path)
         self.llm_config.update_engine_kwargs(model_loader_extra_config=extra)
         log.info("warmstart: model %s streams its weights from %s (download: %s, via %s)",
                  self.llm_config.model_id, extra.get("weights", "the model folder"),
-                 self.ctx.worker_node_download_model.name, endpoint or "object storage")
+                 self.ctx.worker_node_download_model.name,
+                 "the node copy" if node_path else "object storage")
 
 
-def _gateway_endpoint(sharing: SharingConfig) -> str:
+def _node_copy(uri: str, sharing: SharingConfig) -> str:
+    """The local path of `uri` landed whole in this node's cache (waits for every piece:
+    vLLM's workers are separate processes that read it as a plain local checkpoint)."""
     import ray
 
-    from warmstart.ray_serve.node_actor import ensure_gateway
+    from warmstart.ray_serve.node_read import unwrap_ray_error
+    from warmstart.ray_serve.replica import prepared_on_node
 
-    node_id = ray.get_runtime_context().get_node_id()
-    return ray.get(ensure_gateway(node_id, sharing).endpoint.remote())
+    gateway, prepared = prepared_on_node(uri, sharing)
+    try:
+        for path, (_, count, ready) in prepared.files.items():
+            landed = set(ready)
+            for index in range(count):
+                if index not in landed:
+                    landed.update(ray.get(gateway.wait_ready.remote(path, index)))
+    except ray.exceptions.RayTaskError as exc:
+        raise unwrap_ray_error(exc) from None
+    return prepared.path

@@ -1,6 +1,8 @@
-"""`NodeGateway`: the Ray actor that runs a node's `Gateway` and its `S3Front`.
+"""`NodeGateway`: the Ray actor that runs a node's `Gateway`.
 
-One per node, named `warmstart-gateway-<node id>` in namespace "warmstart", detached, 0 CPUs,
+It serves no socket of its own: replicas call it through Ray (`prepare`, `wait_ready`) and
+read the landed files themselves, so only processes that may open the node cache's 0600 files
+get bytes. One per node, named `warmstart-gateway-<node id>` in namespace "warmstart", detached, 0 CPUs,
 pinned to its node with a hard node-affinity strategy, started by the first replica that needs
 it. Participants are the alive Ray nodes with `node_resource`, read once per object: Ray says
 which nodes exist, schedules the gateways and moves the bytes (a peer's `piece.remote()`);
@@ -19,6 +21,9 @@ from warmstart.ray_serve.settings import SharingConfig
 log = logging.getLogger("warmstart.ray_serve")
 NAMESPACE = "warmstart"
 NAME_PREFIX = "warmstart-gateway-"
+# threads of the actor: replicas' waits for pieces (one per piece in flight per replica) and
+# peers' piece requests block one each
+MAX_CONCURRENCY = 256
 
 
 def gateway_name(node_id: str) -> str:
@@ -47,11 +52,8 @@ class NodeGateway:
                             nodes=lambda: participant_nodes(self.settings.node_resource),
                             peer_fetch=self._peer_fetch,
                             on_bytes=self._count_bytes)
-        from warmstart.ray_serve.s3front import S3Front
-
-        self.front = S3Front(self.core)
-        log.info("warmstart gateway for node %s on %s (mode %s, cache %s)", node_id,
-                 self.front.endpoint, self.settings.mode, self.core.cache.root)
+        log.info("warmstart gateway for node %s (mode %s, node cache %s)", node_id,
+                 self.settings.mode, self.core.root)
 
     def _count_bytes(self, source: str, n: int) -> None:
         if n > 0:  # Ray counters reject increments of 0
@@ -64,15 +66,19 @@ class NodeGateway:
         ref = handle.piece.remote(obj.bucket, obj.key, obj.size, obj.etag, index)
         return ray.get(ref, timeout=self.settings.peer_timeout)
 
-    def endpoint(self) -> str:
-        return self.front.endpoint
+    def prepare(self, uri: str):
+        """`Gateway.prepare`: the local path to load and what is already landed."""
+        return self.core.prepare(uri)
+
+    def wait_ready(self, path: str, index: int) -> tuple[int, ...]:
+        return self.core.wait_ready(path, index)
 
     def piece(self, bucket: str, key: str, size: int, etag: str, index: int):
         return self.core.piece_for_peer(ObjectId(bucket, key, size, etag), index)
 
     def stats(self) -> dict:
         return {**self.core.stats(), "node_id": self.core.node_id,
-                "cache_dir": self.core.cache.root}
+                "cache_dir": self.core.root}
 
 
 def ensure_gateway(node_id: str, settings: SharingConfig):
@@ -85,7 +91,7 @@ def ensure_gateway(node_id: str, settings: SharingConfig):
     actor = ray.remote(NodeGateway)
     return actor.options(
         name=gateway_name(node_id), namespace=NAMESPACE, get_if_exists=True,
-        lifetime="detached", num_cpus=0, max_concurrency=64, max_restarts=0,
+        lifetime="detached", num_cpus=0, max_concurrency=MAX_CONCURRENCY, max_restarts=0,
         scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
     ).remote(dataclasses.asdict(settings), node_id)
 

@@ -41,25 +41,6 @@ def _metrics():
                           tag_keys=tags))
 
 
-def loader_config_for(uri: str, config: LoaderConfig | None,
-                      sharing: SharingConfig) -> LoaderConfig:
-    """The loader config that reads `uri` through this node's gateway (for s3:// URIs with
-    sharing on); starts the gateway if needed. Must run in a Ray worker."""
-    from warmstart.loader.config import LoaderConfig
-
-    cfg = config if config is not None else LoaderConfig.from_env()
-    if sharing.mode == "off" or not uri.startswith("s3://"):
-        return cfg
-    import ray
-
-    try:
-        endpoint = ray.get(start_gateway(sharing).endpoint.remote())
-    except ray.exceptions.RayActorError:  # a gateway being stopped held the name: once more
-        time.sleep(1.0)
-        endpoint = ray.get(start_gateway(sharing).endpoint.remote())
-    return cfg.replace(s3_endpoint_url=endpoint, s3_data_path="raw")
-
-
 def start_gateway(sharing: SharingConfig):
     """This node's gateway actor (started if needed; does not wait for it)."""
     import ray
@@ -69,23 +50,65 @@ def start_gateway(sharing: SharingConfig):
     return ensure_gateway(ray.get_runtime_context().get_node_id(), sharing)
 
 
+def prepare_on_node(uri: str, sharing: SharingConfig):
+    """Asks this node's gateway to land `uri` on the node; returns (gateway, ObjectRef of
+    its `Prepared` answer) without waiting, so the landing starts while the caller goes on."""
+    gateway = start_gateway(sharing)
+    return gateway, gateway.prepare.remote(uri)
+
+
+def prepared_on_node(uri: str, sharing: SharingConfig, pending=None):
+    """(gateway, `Prepared`) for `uri` on this node: the answer to `prepare_on_node`."""
+    import ray
+
+    from warmstart.ray_serve.node_read import unwrap_ray_error
+
+    gateway, ref = pending or prepare_on_node(uri, sharing)
+    for attempt in range(2):
+        try:
+            return gateway, ray.get(ref)
+        except ray.exceptions.RayActorError:  # a gateway being stopped held the name
+            if attempt:
+                raise
+            time.sleep(1.0)
+            gateway, ref = prepare_on_node(uri, sharing)
+        except ray.exceptions.RayTaskError as exc:
+            raise unwrap_ray_error(exc) from None
+    raise AssertionError("unreachable")
+
+
 def load_in_replica(uri: str, device: str = "cpu", *, names: Iterable[str] | None = None,
                     dtype=None, config: LoaderConfig | None = None,
                     sharing: SharingConfig | Mapping[str, Any] | None = None) -> dict:
-    """`warmstart.load` for a Serve replica (or any Ray actor): s3:// checkpoints are read
-    through this node's gateway (shared cache, cluster-wide single read), progress and time are
+    """`warmstart.load` for a Serve replica (or any Ray actor): s3:// checkpoints are landed
+    on the node by this node's gateway (one copy per node, a cluster-wide single read) and
+    read from there as local files, piece by piece as they arrive; progress and time are
     logged and exported as Ray metrics. Returns `{name: tensor}`."""
     if not isinstance(sharing, SharingConfig):
         sharing = SharingConfig.from_mapping(sharing)
     if config is not None and config.s3_endpoint_url and sharing.s3_endpoint_url is None:
         sharing = sharing.replace(s3_endpoint_url=config.s3_endpoint_url)
-    if sharing.mode != "off" and uri.startswith("s3://"):
-        start_gateway(sharing)  # its process starts while this one imports the loader
+    started = time.perf_counter()
+    shared = sharing.mode != "off" and uri.startswith("s3://")
+    # the landing starts now, while this process imports the loader (and torch)
+    pending = prepare_on_node(uri, sharing) if shared else None
+    from warmstart.loader import load
+    from warmstart.loader.config import LoaderConfig
+    from warmstart.ray_serve.node_read import gate_for
+
+    cfg = config if config is not None else LoaderConfig.from_env()
+    read_uri, wrap, answered = uri, None, 0.0
+    if shared:
+        gateway, prepared = prepared_on_node(uri, sharing, pending)
+        answered = time.perf_counter() - started
+        read_uri, wrap = prepared.path, gate_for(gateway, prepared)
+        if wrap is not None:  # pieces arrive in the page cache: no O_DIRECT for them
+            cfg = cfg.replace(direct_io=False)
     seconds_gauge, bytes_counter, progress_gauge = _metrics()
     tags = {"uri": uri}
-    started = time.perf_counter()
-    cfg = loader_config_for(uri, config, sharing)
-    log.info("warmstart: loading %s to %s (sharing: %s)", uri, device, sharing.mode)
+    log.info("warmstart: loading %s to %s (sharing: %s%s)", uri, device, sharing.mode,
+             f", node copy {read_uri}" + (", landing" if wrap else ", complete")
+             + f", gateway answered after {answered:.2f}s" if shared else "")
     state = {"step": 0, "last": 0}
 
     def progress(done: int, total: int) -> None:
@@ -99,9 +122,8 @@ def load_in_replica(uri: str, device: str = "cpu", *, names: Iterable[str] | Non
             log.info("warmstart: %s %3.0f%% (%.1f of %.1f MB, %.1fs)", uri, 100 * frac,
                      done / 1e6, total / 1e6, time.perf_counter() - started)
 
-    from warmstart.loader import load
-
-    tensors = load(uri, device, names=names, dtype=dtype, config=cfg, progress=progress)
+    tensors = load(read_uri, device, names=names, dtype=dtype, config=cfg, progress=progress,
+                   wrap_source=wrap)
     seconds = time.perf_counter() - started
     seconds_gauge.set(seconds, tags)
     progress_gauge.set(1.0, tags)

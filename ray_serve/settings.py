@@ -22,20 +22,20 @@ class SharingConfig:
     """'cluster': each node reads a disjoint share of every s3:// object and gets the rest from
     peer nodes; 'node': replicas on a node share one read and one cache, no peers; 'off': each
     replica reads object storage itself."""
-    cache_dir: str = "/tmp/warmstart-chunks"
-    """Node-local chunk cache folder; `{node_id}` in it is replaced by the Ray node id."""
+    cache_dir: str = "/tmp/warmstart-ray-{uid}/{node_id}"
+    """Node-local folder the gateway lands checkpoints in (created 0700, files 0600);
+    `{node_id}` is replaced by the Ray node id, `{uid}` by the user id."""
     cache_size: int = 64 << 30
-    """Bytes the chunk cache may hold; least recently used pieces are evicted beyond it."""
+    """Bytes the node cache may hold; least recently used checkpoint versions are evicted
+    beyond it."""
     piece_size: int = 16 * MiB
     """Bytes per piece: the unit of sharing, caching and digest checks."""
     peer_timeout: float = 30.0
     """Seconds to wait for a piece from a peer before reading it from object storage."""
     node_resource: str = "CPU"
     """Only alive nodes with this resource (> 0) take part in 'cluster' mode."""
-    memory_size: int = 256 * MiB
-    """Bytes of recently used pieces a gateway keeps in memory (verified once, when loaded)."""
     prefetch: int = 4
-    """Pieces of its own share a gateway fetches ahead, in parallel, once an object is read."""
+    """Pieces a gateway lands in parallel (in file order), from object storage or peers."""
     s3_endpoint_url: str | None = None
     """The gateway's object storage endpoint; None: that of the `config=` passed to
     `load_in_replica`, else AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, else AWS."""
@@ -49,10 +49,8 @@ class SharingConfig:
             raise ConfigError("cache_size must hold at least one piece")
         if self.peer_timeout <= 0:
             raise ConfigError("peer_timeout must be > 0")
-        if self.memory_size < 0:
-            raise ConfigError("memory_size must be >= 0")
-        if self.prefetch < 0:
-            raise ConfigError("prefetch must be >= 0")
+        if self.prefetch < 1:
+            raise ConfigError("prefetch must be >= 1")
         if not self.cache_dir:
             raise ConfigError("cache_dir must not be empty")
 
@@ -68,7 +66,7 @@ class SharingConfig:
         if unknown:
             raise ConfigError(f"unknown sharing option(s) {', '.join(map(repr, unknown))}; "
                               f"valid options are: {', '.join(cls.keys())}")
-        for key in ("cache_size", "piece_size", "memory_size"):
+        for key in ("cache_size", "piece_size"):
             if isinstance(values.get(key), str):
                 values[key] = parse_size(values[key], key)
         for key in ("peer_timeout",):

@@ -67,7 +67,7 @@ def cluster(localbucket, s3_checkpoint):
         proxy.stop()
 
 
-def _start_cluster(system: dict, attempts: int = 2):
+def _start_cluster(system: dict, attempts: int = 2, nodes: int = NODES):
     """Ray waits a fixed 30 s for each node to register; on a busy 2-core machine that can
     pass, so a failed start is retried once from scratch."""
     from ray.cluster_utils import Cluster
@@ -77,10 +77,10 @@ def _start_cluster(system: dict, attempts: int = 2):
             "num_cpus": 0, "object_store_memory": 100 << 20, "_system_config": system,
             "include_dashboard": False})
         try:
-            nodes = [c.add_node(num_cpus=1, object_store_memory=120 << 20)
-                     for _ in range(NODES)]
+            added = [c.add_node(num_cpus=1, object_store_memory=120 << 20)
+                     for _ in range(nodes)]
             c.wait_for_nodes()
-            return c, nodes
+            return c, added
         except Exception:  # noqa: BLE001 - Ray raises a bare Exception on a slow start
             c.shutdown()
             if attempt + 1 == attempts:

@@ -90,11 +90,16 @@ def test_serve_llm_streams_weights_without_downloading(localbucket, tmp_path_fac
                 "model": "tiny", "prompt": prompt, "max_tokens": MAX_TOKENS,
                 "temperature": 0, "ignore_eos": True, "return_token_ids": True})
             tokens.append(out["choices"][0]["token_ids"])
-        # Ray downloaded config and tokenizer, not the weights; nobody wrote any safetensors
+        # Ray downloaded config and tokenizer, not the weights; the only safetensors on the
+        # node are the gateway's one node copy (each object once, hard-linked by name)
         snapshots = list((home / "hf").rglob("config.json"))
         assert snapshots, "Ray did not download the model's config"
-        written = _safetensors_under([home, "/tmp/ray"])
+        written = [p for p in _safetensors_under([home, "/tmp/ray"])
+                   if "/chunks-" not in p]
         assert not written, f"safetensors files were written: {written}"
+        copies = [Path(p) for p in _safetensors_under([home]) if "/chunks-" in p]
+        assert copies, "the node copy is missing"
+        assert len({p.stat().st_ino for p in copies}) == len({p.name for p in copies})
     finally:
         serve.shutdown()
         ray.shutdown()

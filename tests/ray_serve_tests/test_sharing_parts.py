@@ -1,19 +1,22 @@
-"""The parts under the Ray integration, without Ray: piece plans, the chunk cache, and two
-gateways (real S3 reads, real HTTP front, real loader) wired to each other in one process."""
+"""The parts under the Ray integration, without Ray: piece plans, the node landing area, and
+two gateways (real S3 reads, real loader reading the landed files) wired to each other in one
+process; the Ray actor calls are stood in for by `Handle`, which calls the same methods on a
+thread (the Ray path itself is in test_cluster.py and test_node_path.py)."""
 
 from __future__ import annotations
 
-import multiprocessing
 import os
+import threading
+from concurrent.futures import Future
 
 import pytest
 import torch
 
-from warmstart.errors import ConfigError, DigestMismatch
+from warmstart.errors import AccessDenied, ConfigError, IntegrityError, NotFound
 from warmstart.ray_serve import plan
-from warmstart.ray_serve.chunk_cache import ChunkCache, sha256
 from warmstart.ray_serve.gateway import Gateway
-from warmstart.ray_serve.s3front import S3Front
+from warmstart.ray_serve.landing import LandedFile, private_dir, sha256
+from warmstart.ray_serve.node_read import gate_for
 from warmstart.ray_serve.settings import SharingConfig
 
 from conftest import BUCKET, checkpoint_bytes, oracle
@@ -49,91 +52,85 @@ def test_sharing_config_rejects_unknown_keys_and_bad_values():
         SharingConfig(piece_size=1000)
 
 
-def test_cache_is_content_addressed_and_heals(tmp_path):
-    cache = ChunkCache(str(tmp_path), 1 << 30)
-    digest = cache.put_named("k1", b"hello")
-    assert digest == sha256(b"hello")
-    assert cache.get_named("k1") == (digest, b"hello")
-    with pytest.raises(DigestMismatch):
-        cache.put(b"other", digest)
-    with open(cache.data_path(digest), "r+b") as f:
-        f.write(b"j")  # damaged on disk
-    assert cache.get_named("k1", verify=False) == (digest, b"jello")
-    assert cache.get_named("k1") is None  # verified read: detected and deleted
-    assert not os.path.exists(cache.data_path(digest))
+def test_landing_area_is_private_to_the_user(tmp_path):
+    root = private_dir(str(tmp_path / "cache" / "node"))
+    assert os.stat(root).st_mode & 0o777 == 0o700
+    f = LandedFile(os.path.join(root, "x.safetensors"), 10_000, 4096)
+    f.write(1, b"b" * 4096, sha256(b"b" * 4096))
+    assert os.stat(f.path).st_mode & 0o777 == 0o600
+    assert os.stat(f.ready_path).st_mode & 0o777 == 0o600
+    assert os.path.getsize(f.path) == 10_000  # full size at once, filled in place
+    assert f.recorded() == {1: sha256(b"b" * 4096)} and f.read(1) == b"b" * 4096
+    os.chmod(root, 0o755)  # widened later: closed again
+    private_dir(root)
+    assert os.stat(root).st_mode & 0o777 == 0o700
+    if os.getuid() == 0:  # a folder planted by another user is refused, never used
+        planted = tmp_path / "planted"
+        planted.mkdir(mode=0o700)
+        os.chown(planted, 12345, 12345)
+        with pytest.raises(AccessDenied, match="planted.*uid 12345"):
+            private_dir(str(planted))
+    link = tmp_path / "link"
+    link.symlink_to(root)
+    with pytest.raises(AccessDenied, match="not a folder"):
+        private_dir(str(link))
 
 
-def test_cache_evicts_least_recently_used(tmp_path):
-    cache = ChunkCache(str(tmp_path), 10_000)
-    digests = []
-    for i in range(3):
-        digests.append(cache.put(bytes([i]) * 3000))
-        os.utime(cache.data_path(digests[-1]), (i, i))  # distinct ages, oldest first
-    cache.get(digests[0])  # used again: now the newest
-    digests.append(cache.put(bytes([3]) * 3000))  # 12000 > 10000: evict down to 9000
-    assert cache.usage() <= 9000
-    assert cache.get(digests[1]) is None  # the least recently used went first
-    assert all(cache.get(d) is not None for d in (digests[0], digests[2], digests[3]))
+class Handle:
+    """Stands in for the gateway actor's handle: `.wait_ready.remote(...).future()` runs the
+    real method on a thread, as the actor's thread pool does."""
 
+    def __init__(self, gateway: Gateway) -> None:
+        self.wait_ready = self
+        self.gateway = gateway
 
-def _writer(root: str, seed: int, out) -> None:
-    cache = ChunkCache(root, 40 * 4096)
-    got = []
-    for i in range(60):
-        data = bytes([(seed + i) % 7]) * 4096 * (1 + i % 3)
-        digest = cache.put_named(f"key{(seed + i) % 7}-{len(data)}", data)
-        hit = cache.get(digest)
-        got.append(hit is None or sha256(hit) == digest)
-    out.put(all(got))
+    def remote(self, path, index):
+        fut = Future()
 
+        def run():
+            try:
+                fut.set_result(self.gateway.wait_ready(path, index))
+            except BaseException as exc:  # noqa: BLE001
+                fut.set_exception(exc)
 
-def test_concurrent_writers_never_expose_partial_files(tmp_path):
-    ctx = multiprocessing.get_context("fork")
-    out = ctx.Queue()
-    procs = [ctx.Process(target=_writer, args=(str(tmp_path), s, out)) for s in range(4)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(60)
-        assert p.exitcode == 0
-    assert all(out.get(timeout=5) for _ in procs)
-    cache = ChunkCache(str(tmp_path), 40 * 4096)
-    for sub in (tmp_path / "data").iterdir():
-        for f in sub.iterdir():
-            assert not f.name.startswith(".tmp"), "a temporary file was left behind"
-            assert sha256(f.read_bytes()) == f.name
-    assert cache.usage() <= 40 * 4096 + 3 * 4096 * 4  # bound (plus writers mid-put)
+        threading.Thread(target=run, daemon=True).start()
+        return type("Ref", (), {"future": lambda _self: fut})()
 
 
 class Pair:
     """Two gateways, 'node-a' and 'node-b', each asking the other for its share."""
 
-    def __init__(self, tmp_path, endpoint: str, piece_size: int = 4 * MiB):
-        settings = SharingConfig(cache_dir=str(tmp_path / "{node_id}"), piece_size=piece_size,
-                                 s3_endpoint_url=endpoint, prefetch=2)
-        nodes = lambda: ("node-a", "node-b")  # noqa: E731
-        self.gw = {}
-        for name in ("node-a", "node-b"):
-            self.gw[name] = Gateway(settings, name, nodes=nodes, peer_fetch=self.fetch)
+    def __init__(self, tmp_path, endpoint: str, piece_size: int = 4 * MiB, hold=None):
+        self.settings = SharingConfig(cache_dir=str(tmp_path / "{node_id}"),
+                                      piece_size=piece_size, s3_endpoint_url=endpoint,
+                                      prefetch=2)
         self.dead: set[str] = set()
-        self.fronts = {n: S3Front(g) for n, g in self.gw.items()}
+        self.hold = hold  # (index, Event): a peer's piece `index` waits for the event
+        self.gw = {name: self.gateway(name) for name in ("node-a", "node-b")}
+
+    def gateway(self, name: str, **changes) -> Gateway:
+        return Gateway(self.settings.replace(**changes), name,
+                       nodes=lambda: ("node-a", "node-b"), peer_fetch=self.fetch)
 
     def fetch(self, node, obj, index):
         if node in self.dead:
             raise ConnectionError(f"{node} is gone")
+        if self.hold is not None and index == self.hold[0]:
+            assert self.hold[1].wait(60), "never released"
         return self.gw[node].piece_for_peer(obj, index)
 
-    def stop(self):
-        for front in self.fronts.values():
-            front.stop()
+    def close(self):
+        for gw in self.gw.values():
+            gw.close()
 
 
-def _load_via(front: S3Front):
+def _load_on(gateway: Gateway, uri: str = f"s3://{BUCKET}/ckpt/"):
     from warmstart.loader import LoaderConfig, load
 
-    cfg = LoaderConfig(s3_endpoint_url=front.endpoint, s3_data_path="raw", chunk_size=4 * MiB,
-                       memory_budget=32 * MiB)
-    return load(f"s3://{BUCKET}/ckpt/", "cpu", config=cfg)
+    prepared = gateway.prepare(uri)
+    cfg = LoaderConfig(chunk_size=4 * MiB, memory_budget=32 * MiB, direct_io=False)
+    return load(prepared.path, "cpu", config=cfg,
+                wrap_source=gate_for(Handle(gateway), prepared)), prepared
 
 
 def _same(got, want):
@@ -143,74 +140,153 @@ def _same(got, want):
         assert torch.equal(got[name].view(torch.uint8), tensor.view(torch.uint8)), name
 
 
-def test_two_gateways_read_storage_once_and_catch_a_corrupt_peer(s3_checkpoint, localbucket,
-                                                                  tmp_path, monkeypatch):
+@pytest.fixture
+def s3_env(localbucket, monkeypatch):
     for key, value in localbucket.env().items():
         monkeypatch.setenv(key, value)
+    return localbucket
+
+
+def test_two_gateways_read_storage_once_and_catch_a_corrupt_peer(s3_checkpoint, s3_env,
+                                                                  tmp_path):
     want = oracle(s3_checkpoint)
-    pair = Pair(tmp_path, localbucket.endpoint)
+    pair = Pair(tmp_path, s3_env.endpoint)
     try:
-        _same(_load_via(pair.fronts["node-a"]), want)
-        _same(_load_via(pair.fronts["node-b"]), want)
+        got, prepared = _load_on(pair.gw["node-a"])
+        _same(got, want)
+        assert not prepared.complete  # loaded while the pieces were still landing
+        _same(_load_on(pair.gw["node-b"])[0], want)
         a, b = pair.gw["node-a"].stats(), pair.gw["node-b"].stats()
         size = checkpoint_bytes(s3_checkpoint)
-        assert a["s3_bytes"] + b["s3_bytes"] <= 1.2 * size, (a, b)
-        assert a["peer_bytes"] > 0 and b["peer_bytes"] + b["cache_bytes"] > 0
+        assert a["s3_bytes"] + b["s3_bytes"] <= 1.05 * size, (a, b)
+        assert a["peer_bytes"] > 0 and b["peer_bytes"] > 0
 
-        # Damage every piece node-b holds on disk and restart it (its memory is gone), empty
-        # node-a's cache: node-a must notice the peer's bytes do not match their digest and
-        # read object storage instead.
-        for gw in pair.gw.values():
-            gw.flush()
-        pair.gw["node-b"] = Gateway(pair.gw["node-b"].settings, "node-b",
-                                    nodes=lambda: ("node-a", "node-b"), peer_fetch=pair.fetch)
-        for f in (tmp_path / "node-b" / "data").rglob("*"):
-            if f.is_file():
-                data = bytearray(f.read_bytes())
-                data[len(data) // 2] ^= 0xFF
-                f.write_bytes(bytes(data))
-        fresh = Gateway(pair.gw["node-a"].settings.replace(cache_dir=str(tmp_path / "a2")),
-                        "node-a", nodes=lambda: ("node-a", "node-b"), peer_fetch=pair.fetch)
-        front = S3Front(fresh)
-        try:
-            _same(_load_via(front), want)
-        finally:
-            front.stop()
-        st = fresh.stats()
-        assert st["digest_mismatches"] > 0 and st["peer_bytes"] == 0, st
+        # a warm node: the same gateway answers with every piece landed, no gate at all
+        again = pair.gw["node-a"].prepare(f"s3://{BUCKET}/ckpt/")
+        assert again.complete and gate_for(Handle(pair.gw["node-a"]), again) is None
+
+        # Damage node-b's landed files and restart it: it re-checks them and keeps none of
+        # the damaged pieces; a fresh node-a then lands everything right.
+        pair.gw["node-b"].close()
+        for f in (tmp_path / "node-b").rglob("*.safetensors"):
+            data = bytearray(f.read_bytes())
+            for i in range(0, len(data), 4 * MiB):
+                data[i + 100] ^= 0xFF
+            f.write_bytes(bytes(data))
+        pair.gw["node-b"] = pair.gateway("node-b")
+        fresh = pair.gateway("node-a", cache_dir=str(tmp_path / "a2"))
+        _same(_load_on(fresh)[0], want)
+        assert pair.gw["node-b"].stats()["cache_bytes"] < size // 2
+        _same(_load_on(pair.gw["node-b"])[0], want)
 
         # A dead peer: node-a falls back to object storage for node-b's share.
         pair.dead.add("node-b")
-        lonely = Gateway(fresh.settings.replace(cache_dir=str(tmp_path / "a3")), "node-a",
-                         nodes=lambda: ("node-a", "node-b"), peer_fetch=pair.fetch)
-        front = S3Front(lonely)
-        try:
-            _same(_load_via(front), want)
-        finally:
-            front.stop()
+        lonely = pair.gateway("node-a", cache_dir=str(tmp_path / "a3"))
+        _same(_load_on(lonely)[0], want)
         assert lonely.stats()["peer_failures"] >= 1
+        assert lonely.stats()["s3_bytes"] >= size * 0.95
+        for gw in (fresh, lonely):
+            gw.close()
     finally:
-        pair.stop()
+        pair.close()
 
 
-def test_front_answers_s3_errors_the_loader_understands(localbucket, tmp_path, monkeypatch):
-    from warmstart.errors import NotFound
-    from warmstart.loader import LoaderConfig, load
+def test_peer_bytes_that_do_not_match_their_digest_are_read_again(s3_checkpoint, s3_env,
+                                                                  tmp_path):
+    want = oracle(s3_checkpoint)
+    pair = Pair(tmp_path, s3_env.endpoint)
+    real = pair.fetch
 
-    for key, value in localbucket.env().items():
-        monkeypatch.setenv(key, value)
-    localbucket.create_bucket(BUCKET)
-    gw = Gateway(SharingConfig(cache_dir=str(tmp_path), mode="node",
-                               s3_endpoint_url=localbucket.endpoint), "n")
-    front = S3Front(gw)
+    def flipped(node, obj, index):
+        digest, data = real(node, obj, index)
+        damaged = bytearray(data)
+        damaged[len(damaged) // 2] ^= 0xFF
+        return digest, bytes(damaged)
+
     try:
-        cfg = LoaderConfig(s3_endpoint_url=front.endpoint, s3_data_path="raw")
-        with pytest.raises(NotFound):
-            load(f"s3://{BUCKET}/no-such/model.safetensors", config=cfg)
-        with pytest.raises(NotFound):
-            load(f"s3://{BUCKET}/no-such-prefix/", config=cfg)
+        pair.gw["node-a"]._peer_fetch = flipped
+        _same(_load_on(pair.gw["node-a"])[0], want)
+        st = pair.gw["node-a"].stats()
+        assert st["digest_mismatches"] > 0 and st["peer_bytes"] == 0, st
     finally:
-        front.stop()
+        pair.close()
+
+
+def test_the_replica_reads_first_pieces_before_the_last_has_landed(s3_checkpoint, s3_env,
+                                                                  tmp_path):
+    """Pipelined: while the later pieces cannot land (their object storage reads wait for an
+    event), the tensors in the first pieces are already handed out."""
+    from warmstart.loader import LoaderConfig, stream
+
+    want = oracle(s3_checkpoint)
+    release = threading.Event()
+    hold_from = 2 * (4 * MiB)
+
+    class HeldBack(Gateway):  # the real gateway; only its later object-storage reads wait
+        def _get_into(self, obj, offset, view):
+            if offset >= hold_from:
+                assert release.wait(60), "never released"
+            return super()._get_into(obj, offset, view)
+
+    gw = HeldBack(SharingConfig(cache_dir=str(tmp_path / "c"), mode="node", piece_size=4 * MiB,
+                                prefetch=2, s3_endpoint_url=s3_env.endpoint), "n")
+    try:
+        prepared = gw.prepare(f"s3://{BUCKET}/ckpt/")
+        cfg = LoaderConfig(chunk_size=1 * MiB, memory_budget=8 * MiB, direct_io=False,
+                           group_size=1 * MiB)
+        out, early = {}, 0
+        for name, tensor in stream(prepared.path, "cpu", config=cfg,
+                                   wrap_source=gate_for(Handle(gw), prepared)):
+            out[name] = tensor.clone()
+            if not release.is_set():
+                landed = {p: gw.wait_ready(p, 0) for p in prepared.files
+                          if p.endswith(".safetensors")}
+                assert all(max(ready) < 2 for ready in landed.values()), landed
+                early += 1
+                release.set()
+        _same(out, want)
+        assert early == 1  # a tensor came out while no piece past the second had landed
+    finally:
+        release.set()
+        gw.close()
+
+
+def test_object_storage_errors_reach_the_replica_by_name(s3_env, tmp_path):
+    s3_env.create_bucket(BUCKET)
+    gw = Gateway(SharingConfig(cache_dir=str(tmp_path / "c"), mode="node",
+                               s3_endpoint_url=s3_env.endpoint), "n")
+    try:
+        with pytest.raises(NotFound, match="no-such"):
+            gw.prepare(f"s3://{BUCKET}/no-such/model.safetensors")
+        with pytest.raises(NotFound, match="no-such-prefix"):
+            gw.prepare(f"s3://{BUCKET}/no-such-prefix/")
+        with pytest.raises(NotFound, match="not a file"):
+            gw.wait_ready(str(tmp_path / "elsewhere"), 0)
+    finally:
+        gw.close()
+
+
+def test_whole_versions_are_evicted_least_recently_used_first(s3_checkpoint, s3_env, tmp_path):
+    size = checkpoint_bytes(s3_checkpoint)
+    for i in range(2):  # a second version of the checkpoint under another prefix
+        s3_env.upload_tree(s3_checkpoint, BUCKET, f"copy{i}")
+    gw = Gateway(SharingConfig(cache_dir=str(tmp_path / "c"), mode="node", piece_size=4 * MiB,
+                               cache_size=int(size * 1.5), s3_endpoint_url=s3_env.endpoint),
+                 "n")
+    try:
+        first = _load_on(gw, f"s3://{BUCKET}/copy0/")[1]
+        second = _load_on(gw, f"s3://{BUCKET}/copy1/")[1]  # the same long-lived gateway
+        assert not os.path.exists(first.path) and os.path.exists(second.path)
+        held = {f.stat().st_ino: f.stat().st_blocks * 512 for f in (tmp_path / "c").rglob("*")
+                if f.is_file()}  # hard links counted once
+        assert sum(held.values()) <= 1.5 * size
+        got, again = _load_on(gw, f"s3://{BUCKET}/copy0/")  # landed again after eviction
+        _same(got, oracle(s3_checkpoint))
+        assert os.path.exists(again.path) and not os.path.exists(second.path)
+        with pytest.raises(IntegrityError, match="no piece 99"):
+            gw.wait_ready(next(iter(again.files)), 99)
+    finally:
+        gw.close()
 
 
 def test_llm_callback_fills_the_plugin_config():
@@ -219,15 +295,14 @@ def test_llm_callback_fills_the_plugin_config():
                         reason="this Ray has no ray.serve.llm callbacks")
     from warmstart.ray_serve.llm import plan_extra_config
 
-    out = plan_extra_config(None, None, "s3://b/m/", "http://127.0.0.1:9")
-    assert out == {"weights": "s3://b/m/", "s3_endpoint_url": "http://127.0.0.1:9",
-                   "s3_data_path": "raw"}
+    out = plan_extra_config(None, None, "s3://b/m/", "/tmp/node/v1")
+    assert out == {"weights": "/tmp/node/v1", "node_cache": "off"}  # ranks share the node copy
     # the user's own keys win; a JSON string is accepted (vLLM's CLI form)
     out = plan_extra_config('{"weights": "s3://b/other/", "chunk_size": "8MiB"}', None,
                             "s3://b/m/", None)
     assert out == {"weights": "s3://b/other/", "chunk_size": "8MiB"}
     # local weights never go through the gateway
-    assert plan_extra_config({}, "/models/m", None, "http://127.0.0.1:9") == {
+    assert plan_extra_config({}, "/models/m", None, "/tmp/node/v1") == {
         "weights": "/models/m"}
     with pytest.raises(ConfigError, match="unknown key"):
         plan_extra_config({"weigths": "x"}, None, None, None)
