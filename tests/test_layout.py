@@ -11,7 +11,7 @@ standard library.
 
 from __future__ import annotations
 
-import importlib.metadata
+import pkgutil
 import sys
 from pathlib import Path
 
@@ -51,7 +51,10 @@ def importable_names() -> dict[str, Path]:
 
 
 def taken_names() -> set[str]:
-    installed = set(importlib.metadata.packages_distributions())
+    """Modules importable from sys.path outside this repository (its own folders, and those
+    pytest inserted, aside), the known optional ones, and the standard library's."""
+    outside = [p for p in sys.path if p and not Path(p).resolve().is_relative_to(ROOT)]
+    installed = {m.name for m in pkgutil.iter_modules(outside)}
     return KNOWN | installed | set(sys.stdlib_module_names)
 
 
