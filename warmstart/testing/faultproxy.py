@@ -165,6 +165,20 @@ class Rule:
         self._fault_rng = random.Random(f"{seed}/fault")  # what a fault does (flip positions)
         shared = fault.kind == "bandwidth" and not fault.per_connection
         self._bucket = _TokenBucket(fault.bytes_per_second) if shared else None
+        self._buckets: list[_TokenBucket] = [self._bucket] if shared else []
+        self._buckets_lock = threading.Lock()
+
+    def bucket_bytes(self) -> list[int]:
+        """A bandwidth rule's body bytes per token bucket, in the order the buckets were made:
+        one entry for a shared bucket, one per connection otherwise."""
+        with self._buckets_lock:
+            return [b.taken for b in self._buckets]
+
+    def _connection_bucket(self) -> "_TokenBucket":
+        bucket = _TokenBucket(self.fault.bytes_per_second)
+        with self._buckets_lock:
+            self._buckets.append(bucket)
+        return bucket
 
     def _fires(self, method: str, key: str, query: str, ranged: bool) -> bool:
         if ((self.method and method != self.method) or (self.key and self.key not in key)
@@ -186,18 +200,22 @@ class Rule:
 
 
 class _TokenBucket:
-    """Bytes per second with a 50 ms burst; `take` returns how long the caller must wait."""
+    """Bytes per second with a 50 ms burst; `take` returns how long the caller must wait.
+    `clock` is injectable so the arithmetic is testable without waiting."""
 
-    def __init__(self, rate: float):
+    def __init__(self, rate: float, clock=time.monotonic):
         self.rate = rate
         self.burst = rate / 20
+        self.taken = 0
+        self._clock = clock
         self._tokens = 0.0
-        self._last = time.monotonic()
+        self._last = clock()
         self._lock = threading.Lock()
 
     def take(self, n: int) -> float:
         with self._lock:
-            now = time.monotonic()
+            self.taken += n
+            now = self._clock()
             self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate) - n
             self._last = now
             return max(0.0, -self._tokens / self.rate)
@@ -596,7 +614,9 @@ class _Handler(BaseHTTPRequestHandler):
     def _bucket(self, rule: Rule) -> _TokenBucket:
         if rule._bucket is not None:
             return rule._bucket
-        return self.buckets.setdefault(id(rule), _TokenBucket(rule.fault.bytes_per_second))
+        if id(rule) not in self.buckets:
+            self.buckets[id(rule)] = rule._connection_bucket()
+        return self.buckets[id(rule)]
 
     def _send_body(self, data: memoryview, chunked: bool, key: str) -> None:
         if chunked:
