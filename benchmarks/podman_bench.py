@@ -159,6 +159,9 @@ def one_run(mode: str, ref: str, work: str) -> dict:
         if store is not None:
             store.terminate()
             store.wait(timeout=60)
+        overlay = os.path.join(base, "root", "overlay")  # containers-storage's private bind
+        if os.path.ismount(overlay):
+            subprocess.run(["umount", overlay], capture_output=True)
         shutil.rmtree(base, ignore_errors=True)
 
 
