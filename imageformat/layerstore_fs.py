@@ -123,6 +123,9 @@ class LayerStoreFS(pyfuse3.Operations):
                 if image is None or image.layer(name.decode(errors="replace")) is None:
                     return None
                 node.image = image
+            # the top's lazy mount first: if it cannot be made, no layer of the image is
+            # claimed (podman must not take empty placeholders and then fetch the top)
+            self.mount_top(image)
             return self._child(parent, name, kind="layer", image=image, digest=name.decode())
         if node.kind == "layer":
             image = node.image

@@ -134,10 +134,13 @@ def add_site_packages(root: str, names: list[str]) -> None:
     image's /usr/lib/python3/dist-packages (same CPython minor version as the image)."""
     import sysconfig
     site = sysconfig.get_paths()["purelib"]
+    # a venv made with --system-site-packages imports them from the base interpreter's
+    sites = [site] + [p for p in sys.path if p.endswith("site-packages") and p != site]
     dest = os.path.join(root, "usr/lib/python3/dist-packages")
     os.makedirs(dest, exist_ok=True)
     for name in names:
-        src = os.path.join(site, name)
+        src = next((os.path.join(d, name) for d in sites
+                    if os.path.exists(os.path.join(d, name))), os.path.join(site, name))
         if os.path.isdir(src):
             shutil.copytree(src, os.path.join(dest, name), symlinks=True,
                             ignore=shutil.ignore_patterns("__pycache__"))

@@ -61,8 +61,8 @@ runroot = "{self.runroot}"
 
     def __call__(self, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
         # the roots come from storage.conf: podman drops its storage options on --root
-        cmd = ["podman", "--runtime", "runc", "--cgroup-manager", "cgroupfs", "--events-backend", "file",
-               "--tmpdir", f"{self.base}/tmp", *args]
+        cmd = ["podman", "--runtime", "runc", "--cgroup-manager", "cgroupfs",
+               "--events-backend", "file", "--tmpdir", f"{self.base}/tmp", *args]
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                              env=self.env)
         assert out.returncode == 0, f"{cmd}: {out.stderr[-3000:]}"

@@ -102,3 +102,121 @@ def test_ray_image_uri_commands_start_from_the_layer_store(registry_images, tmp_
         if store is not None:
             store.stop()
         shutil.rmtree(base, ignore_errors=True)
+
+
+RAY_PACKAGES = os.environ.get("WARMSTART_TEST_RAY_SITE", "/tmp/ws-raypkgs/site")
+
+SERVE_APP = """
+import json, os, sys
+import ray
+from ray import serve
+ray.init(_temp_dir=sys.argv[2], include_dashboard=False, num_cpus=2)
+serve.start(http_options={"host": "127.0.0.1", "port": int(sys.argv[3])})
+
+@serve.deployment(ray_actor_options={"runtime_env": {"image_uri": sys.argv[1]}})
+class InImage:
+    def __call__(self):
+        with open("/etc/os-release") as f:
+            return {"uid": os.getuid(), "container": os.path.exists("/run/.containerenv"),
+                    "os": f.read().strip()}
+
+handle = serve.run(InImage.bind(), name="lazy", route_prefix=None)
+print("ANSWER " + json.dumps(handle.remote().result(timeout_s=600)), flush=True)
+serve.shutdown()
+ray.shutdown()
+"""
+
+
+def _add_stdlib_libs(root: str) -> None:
+    """The system libraries the stdlib's extension modules link against (libffi for ctypes,
+    which Ray imports, libssl, ...), copied from this machine when the image lacks them."""
+    from warmstart.imageformat.testimage import _libs
+    dynload = os.path.join(root, "usr/lib/python3.11/lib-dynload")
+    for name in sorted(os.listdir(dynload)):
+        try:
+            libs = _libs(os.path.join(dynload, name))
+        except subprocess.CalledProcessError:
+            continue
+        for lib in libs:
+            if not lib.startswith(("/lib/", "/usr/lib/", "/lib64/")):
+                continue
+            rel = lib.lstrip("/")
+            rel = "usr/" + rel if rel.startswith(("lib/", "lib64/")) else rel
+            dest = os.path.join(root, rel)
+            if not os.path.exists(dest):
+                os.makedirs(os.path.dirname(dest), exist_ok=True)
+                shutil.copy2(os.path.realpath(lib), dest)
+
+
+@pytest.mark.slow
+def test_serve_deployment_with_image_uri_starts_from_the_layer_store(registry, tmp_path):
+    """A Serve replica with `image_uri`: Ray (run as the set-up user) has podman start it in
+    an image holding Debian's python3.11 and Ray 2.60 from PyPI, pulled through the layer
+    store. The image is built offline from this machine's Debian python and the PyPI wheels
+    pip put in RAY_PACKAGES (`pip install --target DIR "ray[serve]==2.60.0"`)."""
+    import pathlib
+    import socket
+    import tempfile
+
+    from warmstart.cli import main
+    from warmstart.imageformat.testimage import (add_full_stdlib, add_shared_libs,
+                                                 build_python_rootfs, have_system_python)
+    if not have_system_python() or not os.path.isdir(os.path.join(RAY_PACKAGES, "ray")):
+        pytest.skip(f"needs Debian's python3.11 and ray[serve] installed in {RAY_PACKAGES}")
+    if shutil.which("umoci") is None:
+        pytest.skip("umoci is not installed")
+    host, _ = registry
+    base = pathlib.Path(tempfile.mkdtemp(prefix="warmstart-serve-", dir="/tmp"))
+    os.chmod(base, 0o755)
+    root = str(base / "rootfs")
+    build_python_rootfs(root)
+    add_full_stdlib(root)
+    os.symlink("python3.11", os.path.join(root, "usr/bin/python"))
+    shutil.copytree(RAY_PACKAGES, os.path.join(root, "usr/lib/python3/dist-packages"),
+                    symlinks=True, dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    add_shared_libs(root)
+    _add_stdlib_libs(root)
+    os.makedirs(os.path.join(root, "tmp"), exist_ok=True)
+    os.chmod(os.path.join(root, "tmp"), 0o1777)
+    layout = str(base / "layout")
+    from imageformat_helpers import run
+    run("umoci", "init", "--layout", layout)
+    run("umoci", "new", "--image", f"{layout}:v1")
+    run("umoci", "unpack", "--image", f"{layout}:v1", str(base / "bundle"))
+    run("cp", "-a", f"{root}/.", str(base / "bundle" / "rootfs"))
+    run("umoci", "repack", "--image", f"{layout}:v1", str(base / "bundle"), timeout=600)
+    image = f"{host}/rayserve:v1"
+    run("skopeo", "--insecure-policy", "copy", "--dest-tls-verify=false", f"oci:{layout}:v1",
+        f"docker://{image}", timeout=600)
+    with RegistryStore.open_registry(f"docker://{host}/rayserve", PLAIN) as s:
+        convert(f"docker://{image}", s, "v1", registry=PLAIN)
+    try:
+        pwd.getpwnam(USER)
+    except KeyError:
+        subprocess.run(["useradd", "-m", USER], check=True)
+    store = None
+    try:
+        assert main(["ray-node", "setup", "--user", USER, "--layer-store",
+                     str(base / "layers"), "--insecure-registry", host]) == 0
+        store = LayerStore(base, "--map-user", USER)
+        app = base / "app.py"
+        app.write_text(SERVE_APP)
+        ray_tmp = base / "ray"
+        ray_tmp.mkdir()
+        os.chown(ray_tmp, pwd.getpwnam(USER).pw_uid, pwd.getpwnam(USER).pw_gid)
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        out = _as_user(f"PYTHONPATH={RAY_PACKAGES} /usr/bin/python3.11 {app} {image} "
+                       f"{ray_tmp} {port}", timeout=900)
+        answer = [ln for ln in out.stdout.splitlines() if ln.startswith("ANSWER ")]
+        assert out.returncode == 0 and answer, (out.stdout[-3000:], out.stderr[-5000:])
+        got = json.loads(answer[0][len("ANSWER "):])
+        assert got["container"] and got["uid"] == pwd.getpwnam(USER).pw_uid
+        assert "in use" in store.text()  # podman took the image's layers from the store
+    finally:
+        _as_user("podman rm -af; podman system reset -f")
+        if store is not None:
+            store.stop()
+        shutil.rmtree(base, ignore_errors=True)
