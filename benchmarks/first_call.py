@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -122,8 +123,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-drop-caches", action="store_true")
     args = parser.parse_args(argv)
     rows, cold = [], not args.no_drop_caches
-    for _ in range(args.runs):
-        for kind in kinds():  # interleaved: drift hits all alike
+    order = kinds()
+    for run in range(args.runs):
+        # interleaved, in a new (seeded) order each round: drift, position and the previous
+        # run's after-effects (memory the kernel still reclaims) hit all alike
+        for kind in random.Random(run).sample(order, len(order)):
             if cold and not drop_caches():
                 print("cannot drop the page cache (needs root): runs are warm", file=sys.stderr)
                 cold = False

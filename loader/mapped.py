@@ -3,7 +3,7 @@
 Copying a cached file into fresh anonymous memory costs a page fault and a copy per page
 (2-3 GB/s on these 2-core VMs), while mapping it costs only the page-table entries: the page
 cache already holds the bytes. A file that is not cached is read fastest the same way: the
-kernel's readahead fills the page cache in large requests (3-4 GB/s here against 1.3-1.9 GB/s
+kernel's readahead fills the page cache in large requests (3-4 GB/s here against 1.2-2.0 GB/s
 for parallel O_DIRECT reads of the same cold file, see benchmarks/RESULTS.md), and the bytes
 are then in memory once, not in the page cache and a copy. So when every file of the checkpoint
 is local, batches of about `group_size` bytes are mapped private and copy-on-write (writes to a

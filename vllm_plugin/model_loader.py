@@ -63,8 +63,8 @@ class WarmstartModelLoader(BaseModelLoader):
                     f"while streaming weights for vLLM model {model_config.model!r} from "
                     f"{uri!r} (load_format 'warmstart')")
                 raise
-        logger.info("warmstart: loading weights from %s to %s took %.2f seconds (%s)", uri,
-                    staging.device, time.perf_counter() - started, staging.why)
+        logger.info("warmstart: loading weights from %s took %.2f seconds (landing on %s: %s)",
+                    uri, time.perf_counter() - started, staging.device, staging.why)
         check_every_parameter_loaded(model, loaded, model_config, uri)
 
 

@@ -35,26 +35,6 @@ HERE = Path(__file__).resolve().parent
 DEADLINE = 60.0  # seconds for "eventually"; never reached when things work
 
 
-@pytest.fixture(scope="session")
-def double_path(tmp_path_factory):
-    if torch.cuda.is_available():
-        pytest.skip("a real GPU is here: the double would replace this process's CUDA runtime "
-                    "for the GPU tests (run this file on its own to use it)")
-    loaded = _native.cuda_runtime_path()
-    path = build_double(tmp_path_factory.mktemp("cuda_double"))
-    if loaded and os.path.basename(loaded) != os.path.basename(path):
-        pytest.skip(f"this process already loaded the CUDA runtime {loaded}")
-    return path
-
-
-@pytest.fixture
-def dbl(double_path):
-    double = Double(double_path)
-    double.reset()
-    yield double
-    double.reset()
-
-
 @pytest.fixture
 def mem(dbl):
     return DoubleMemory(dbl)
