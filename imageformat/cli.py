@@ -213,7 +213,7 @@ def run(args: argparse.Namespace) -> int:
                           level=args.level, progress=progress, workdir=args.workdir,
                           limits=limits, platform=parse_platform(args.platform),
                           registry=_registry(args))
-        if bar:
+        if bar is not None:
             bar.close()
         print(json.dumps(res.__dict__))
     elif args.cmd == "push":
@@ -223,7 +223,7 @@ def run(args: argparse.Namespace) -> int:
             bar, progress = _bar("push")
             res = push(src, args.ref, dst, tag, blob_size=args.blob_size,
                        progress=progress)
-            if bar:
+            if bar is not None:
                 bar.close()
         print(json.dumps(res.__dict__))
     elif args.cmd == "pull":
@@ -234,7 +234,7 @@ def run(args: argparse.Namespace) -> int:
             image = pull(store, args.ref, args.dest, concurrency=args.concurrency,
                          progress=progress, report=report,
                          policy=PullPolicy(args.keep_devices, args.keep_setid))
-            if bar:
+            if bar is not None:
                 bar.close()
         print(json.dumps({"digest": image.digest, "dest": args.dest, **report.__dict__}))
     elif args.cmd == "mount":
