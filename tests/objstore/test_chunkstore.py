@@ -147,6 +147,16 @@ def test_verify_policies(tmp_path):
         ChunkStore(str(tmp_path), max_bytes=0)
 
 
+def test_a_put_that_finds_the_file_there_does_not_vouch_for_it(tmp_path):
+    d = ChunkStore(str(tmp_path)).put(b"hello")
+    with open(ChunkStore(str(tmp_path)).data_path(d), "r+b") as f:
+        f.write(b"j")  # damaged on disk after another process wrote it
+    other = ChunkStore(str(tmp_path))
+    assert other.put(b"hello") == d  # already there: not written again, and not trusted
+    assert other.get(d) is None and other.stats.corrupt == 1
+    assert other.get_or_fetch(d, lambda: b"hello") == b"hello"
+
+
 def test_named_pieces_for_the_gateway(tmp_path):
     store = ChunkStore(str(tmp_path), 1 << 30, verify="always")
     digest = store.put_named("k1", b"hello")
