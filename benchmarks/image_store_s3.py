@@ -1,6 +1,6 @@
 """Image push to and pull from an S3 store, one checkout against another, in the same run.
 
-    python -m benchmarks.image_store_s3 --root DIR [--runs 3] [--server localbucket]
+    python -m warmstart.benchmarks.image_store_s3 --root DIR [--runs 3] [--server localbucket]
         LABEL=PYTHON [LABEL=PYTHON ...]
 
 Each PYTHON is an interpreter whose `warmstart` is the checkout to measure (its own venv). The
