@@ -194,3 +194,18 @@ def test_a_disk_that_cannot_keep_a_chunk_costs_the_copy_not_the_read(tmp_path):
     assert store.get_or_fetch(d, lambda: b"y") == b"y"
     assert store.digests() == set() and not any(
         p.name.startswith(TMP_PREFIX) for p in tmp_path.rglob("*"))
+
+
+def test_chunks_in_the_old_mount_cache_layout_are_deleted(tmp_path):
+    """The image mount's cache used to keep `ROOT/ab/<sha256>`: nothing reads those now, so a
+    store opening the folder deletes them (and only them) rather than leave them unbounded."""
+    d = sha256(b"old chunk")
+    old = tmp_path / d[:2]
+    old.mkdir()
+    (old / d).write_bytes(b"old chunk")
+    keep = tmp_path / "ab"
+    keep.mkdir()
+    (keep / "notes.txt").write_text("not a chunk")
+    store = ChunkStore(str(tmp_path))
+    assert not old.exists() and (keep / "notes.txt").exists()
+    assert store.get(d) is None and store.usage() == 0

@@ -5,6 +5,9 @@ Layout under `root`:
   data/ab/<sha256>    chunk bytes, named by the SHA-256 of their content
   names/cd/<key>      the digest (hex) a stable key names (an object, version and piece index)
   .evict.lock         taken (flock) by whichever process is evicting
+(The image mount's cache before this store kept chunks as `root/ab/<sha256>`; a store that opens
+such a folder deletes those files, which nothing reads any more, instead of leaving them to
+fill the disk outside the bound.)
 
 Guarantees:
 - Atomic writes: a chunk is written to `.tmp-<pid>-<thread>-<ns>` in its own folder and renamed
@@ -89,6 +92,7 @@ class ChunkStore:
         self._memory: OrderedDict[str, bytes] = OrderedDict()
         self._memory_used = 0
         self._usage = 0
+        self._drop_old_layout()
         self.evict()  # counts what is there, removes stale temp files, enforces the bound
 
     # --- paths ----------------------------------------------------------------------------
@@ -263,6 +267,22 @@ class ChunkStore:
                 fcntl.flock(lock, fcntl.LOCK_UN)
         return freed
 
+    def _drop_old_layout(self) -> None:
+        freed = 0
+        for sub in os.scandir(self.root):
+            if not (sub.is_dir(follow_symlinks=False) and _is_hex(sub.name, 2)):
+                continue
+            for entry in os.scandir(sub.path):
+                if _is_hex(entry.name, 64) or entry.name.startswith(TMP_PREFIX):
+                    with contextlib.suppress(FileNotFoundError):
+                        freed += entry.stat(follow_symlinks=False).st_size
+                        os.unlink(entry.path)
+            with contextlib.suppress(OSError):
+                os.rmdir(sub.path)
+        if freed:
+            log.info("chunk store %s: deleted %d bytes of chunks in the old layout", self.root,
+                     freed)
+
     def _scan(self, clean: bool = False) -> Iterator[tuple[str, int, float]]:
         stale = time.time() - STALE_TMP_SECONDS
         for sub in os.scandir(os.path.join(self.root, "data")):
@@ -292,6 +312,10 @@ class ChunkStore:
             while self._memory_used > self.memory_bytes:
                 _, old = self._memory.popitem(last=False)
                 self._memory_used -= len(old)
+
+
+def _is_hex(name: str, length: int) -> bool:
+    return len(name) == length and all(c in "0123456789abcdef" for c in name)
 
 
 def _write_atomic(path: str, data) -> None:
