@@ -10,7 +10,7 @@ Layers, from the bytes up:
   backends, store  a local folder or S3 prefix as an OCI layout; verified reads; tags; gc
   registry_store   a registry repository as the store (OCI 1.1 artifacts, referrers)
   convert, pull    pack chunks into zstd blobs with dedup; push between stores; full pull
-  cache, fusefs    shared verified chunk cache (single flight, LRU bound); read-only FUSE ops
+  fusefs           read-only FUSE ops over warmstart.storage's chunk store
   mount, cli       the lazy mount with profile prefetch/record; `warmstart image ...`
   snapshotter      containerd remote snapshotter (snapshots: metadata and mount plans;
                    lazy: which layers a twin shows; containerd_api: the compiled protos)

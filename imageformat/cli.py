@@ -167,12 +167,18 @@ def build(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dry-run", action="store_true")
 
 
-def _bar(total: int, desc: str):
+def _bar(desc: str):
+    """A progress bar on a terminal, fed by the `(done, total)` protocol (total 0: unknown)."""
     if not sys.stderr.isatty():
         return None, None
     from tqdm import tqdm
-    bar = tqdm(total=total or None, unit="B", unit_scale=True, desc=desc, file=sys.stderr)
-    return bar, bar.update
+    bar = tqdm(total=None, unit="B", unit_scale=True, desc=desc, file=sys.stderr)
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total or None
+        bar.n = done
+        bar.refresh()
+    return bar, progress
 
 
 def _registry(args: argparse.Namespace):
@@ -200,36 +206,35 @@ def _open(uri: str, args: argparse.Namespace, throttle: int | None = None):
 def run(args: argparse.Namespace) -> int:
     if args.cmd == "convert":
         from .convert import convert
-        bar, progress = _bar(0, "convert")
+        bar, progress = _bar("convert")
         with _open(args.store, args) as store:
             limits = LayerLimits(args.max_image_bytes, args.max_layer_ratio)
             res = convert(args.source, store, args.tag, blob_size=args.blob_size,
                           level=args.level, progress=progress, workdir=args.workdir,
                           limits=limits, platform=parse_platform(args.platform),
                           registry=_registry(args))
-        if bar:
+        if bar is not None:
             bar.close()
         print(json.dumps(res.__dict__))
     elif args.cmd == "push":
         from .convert import push
         tag = args.tag or args.ref.split("@")[0]
         with _open(args.__dict__["from"], args) as src, _open(args.to, args) as dst:
-            bar, progress = _bar(0, "push")
+            bar, progress = _bar("push")
             res = push(src, args.ref, dst, tag, blob_size=args.blob_size,
                        progress=progress)
-            if bar:
+            if bar is not None:
                 bar.close()
         print(json.dumps(res.__dict__))
     elif args.cmd == "pull":
         from .pull import PullPolicy, PullReport, pull
         report = PullReport()
         with _open(args.store, args, args.throttle) as store:
-            size = sum(e.size for e in store.open_image(args.ref).toc.entries)
-            bar, progress = _bar(size, "pull")
+            bar, progress = _bar("pull")
             image = pull(store, args.ref, args.dest, concurrency=args.concurrency,
                          progress=progress, report=report,
                          policy=PullPolicy(args.keep_devices, args.keep_setid))
-            if bar:
+            if bar is not None:
                 bar.close()
         print(json.dumps({"digest": image.digest, "dest": args.dest, **report.__dict__}))
     elif args.cmd == "mount":

@@ -27,6 +27,8 @@ from .layers import Tree, apply_layer, tree_from_dir
 from .manifest import encode_chunk_index
 from .model import (MT_BLOB, MT_CHUNK_INDEX, MT_TOC, TOC, Chunk, Chunking, Descriptor, Entry,
                     Location, Manifest)
+from warmstart.storage.progress import Counter, Progress
+
 from .decompress import Budget, LayerLimits, open_layer
 from .sources import Platform, SourceImage, open_source
 from .pull import plan_ranges
@@ -34,7 +36,6 @@ from .store import ImageStore, blob_key, decode_chunk, gather_limited
 from .toc import check_tree, encode_checked_toc
 
 BLOB_SIZE = 64 << 20
-Progress = Callable[[int], None]
 
 
 @dataclass(frozen=True)
@@ -176,7 +177,7 @@ class Chunker:
     def __init__(self, chunking: Chunking, known: dict, compressor: OrderedCompressor,
                  progress: Progress | None) -> None:
         self.chunking, self.known, self.compressor = chunking, known, compressor
-        self.progress = progress
+        self.progress = Counter(0, progress)  # layer sizes are unknown ahead: total 0
         self.seen: set[str] = set()
 
     def __call__(self, f, size: int) -> tuple[Chunk, ...]:
@@ -186,8 +187,7 @@ class Chunker:
             if digest not in self.seen and digest not in self.known:
                 self.seen.add(digest)
                 self.compressor.add(digest, piece)
-            if self.progress:
-                self.progress(len(piece))
+            self.progress.add(len(piece))
         return tuple(chunks)
 
 
@@ -262,6 +262,7 @@ def push(src: ImageStore, ref: str, dst: ImageStore, name: str | None, *,
     packer = BlobPacker(dst, blob_size)
     used: dict[str, Location] = {}
     missing = [c for c in image.toc.unique_chunks() if c.digest not in known]
+    counter = Counter(sum(c.size for c in missing), progress)  # bytes of chunks to copy
     for c in image.toc.unique_chunks():
         if c.digest in known:
             used[c.digest] = known[c.digest]
@@ -280,8 +281,7 @@ def push(src: ImageStore, ref: str, dst: ImageStore, name: str | None, *,
         for c in part:
             decode_chunk(frames[c.digest], c)  # never copy a chunk that is not what it claims
             packer.add(c.digest, frames[c.digest])
-            if progress:
-                progress(c.size)
+            counter.add(c.size)
     packer.flush()
     used.update(packer.locations)
     profile = None

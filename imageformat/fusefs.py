@@ -1,5 +1,5 @@
 """A read-only FUSE file system over one image (pyfuse3): metadata from the TOC, bytes on
-demand through the verified chunk cache.
+demand through the node's chunk store (warmstart.storage.chunkstore).
 
 Inode n+1 is TOC entry n (the root is inode 1); hard links share their target's inode.
 File reads run in worker threads; a chunk that cannot be fetched or verified fails the read
@@ -19,7 +19,8 @@ from collections.abc import Callable
 import pyfuse3
 import trio
 
-from .cache import ChunkCache
+from warmstart.storage.chunkstore import ChunkStore
+
 from .model import Chunk, Entry
 
 log = logging.getLogger("warmstart.imageformat")
@@ -32,7 +33,7 @@ TIMEOUT = 3600.0  # the image never changes under a mount
 class ImageFS(pyfuse3.Operations):
     supports_dot_lookup = True
 
-    def __init__(self, entries: tuple[Entry, ...], cache: ChunkCache,
+    def __init__(self, entries: tuple[Entry, ...], cache: ChunkStore,
                  fetch: Callable[[Chunk], bytes], record: bool = False,
                  threads: int = 16,
                  owner: Callable[[int, int], tuple[int, int]] | None = None) -> None:
@@ -75,6 +76,10 @@ class ImageFS(pyfuse3.Operations):
                 self.offsets[ino] = offs
 
     # --- metadata -------------------------------------------------------------------
+    def chunk(self, chunk: Chunk) -> bytes:
+        """The chunk's verified bytes, through the node's chunk store (fetched at most once)."""
+        return self.cache.get_or_fetch(chunk.digest, lambda: self.fetch(chunk), chunk.size)
+
     def attrs(self, ino: int) -> pyfuse3.EntryAttributes:
         e = self.entries[ino]
         a = pyfuse3.EntryAttributes()
@@ -169,7 +174,7 @@ class ImageFS(pyfuse3.Operations):
             chunk = e.chunks[i]
             self.note(chunk.digest)
             try:
-                data = self.cache.get(chunk, self.fetch)
+                data = self.chunk(chunk)
             except Exception as exc:  # noqa: BLE001 - every failure becomes EIO
                 log.error("EIO reading %s at %d: chunk %s could not be fetched: %s",
                           e.path, off, chunk.digest, exc)

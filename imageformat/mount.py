@@ -24,9 +24,9 @@ import pyfuse3
 import trio
 
 from warmstart.errors import SourceError
+from warmstart.storage.chunkstore import ChunkStore
 
 from ._aio import run_sync
-from .cache import ChunkCache
 from .fusefs import ImageFS
 from .manifest import encode_profile
 from .model import Chunk, Profile
@@ -36,6 +36,8 @@ log = logging.getLogger("warmstart.imageformat")
 
 MOUNT_OPTIONS = ("fsname=warmstart", "subtype=warmstart", "ro", "nosuid", "nodev",
                  "default_permissions")
+
+MEMORY_BYTES = 64 << 20  # hot chunks kept in memory by one mount
 
 
 @dataclass(frozen=True)
@@ -77,7 +79,7 @@ def _prefetch(fs: ImageFS, profile: Profile, chunks: dict[str, Chunk], threads: 
         if stop.is_set():
             return
         try:
-            fs.cache.get(chunk, fs.fetch)
+            fs.chunk(chunk)
         except Exception as exc:  # noqa: BLE001 - a reader will see EIO if it matters
             log.warning("prefetch of chunk %s failed: %s", chunk.digest, exc)
     todo = [chunks[d] for d in profile.chunks if d in chunks]
@@ -88,7 +90,7 @@ def _prefetch(fs: ImageFS, profile: Profile, chunks: dict[str, Chunk], threads: 
 
 def serve(store: ImageStore, ref: str, mountpoint: str, opts: MountOptions) -> dict:
     image = store.open_image(ref)
-    cache = ChunkCache(opts.cache_dir, opts.cache_bytes)
+    cache = ChunkStore(opts.cache_dir, opts.cache_bytes, memory_bytes=MEMORY_BYTES)
     owner = None
     if opts.map_user:
         from .idmap import rootless_map

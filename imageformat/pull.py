@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from warmstart.errors import ConfigError
+from warmstart.storage.progress import Counter, Progress
 
 from ._aio import run_sync
 from .model import Chunk, Entry, Location
@@ -120,12 +121,13 @@ def _finish_entry(dest: str, e: Entry, root: bool, policy: PullPolicy,
 
 
 def pull(store: ImageStore, ref: str, dest: str, *, concurrency: int = 8,
-         progress: Callable[[int], None] | None = None,
+         progress: Progress | None = None,
          policy: PullPolicy = PullPolicy(), report: PullReport | None = None) -> Image:
     """Writes image `ref` as a plain folder at `dest` (which must be absent or empty).
     The tree is built in a sibling folder and renamed into place only once every chunk was
     verified, so a failed pull never leaves a half-written rootfs at `dest`. What `policy`
-    left out is counted in `report`."""
+    left out is counted in `report`. `progress(done, total)` counts the bytes of the image's
+    distinct chunks written so far, of all of them."""
     dest = os.path.abspath(dest)
     if os.path.exists(dest) and (not os.path.isdir(dest) or os.listdir(dest)):
         raise ConfigError(f"{dest}: pull needs a missing or empty destination folder")
@@ -147,7 +149,7 @@ def pull(store: ImageStore, ref: str, dest: str, *, concurrency: int = 8,
 
 
 def _materialize(store: ImageStore, image: Image, dest: str, concurrency: int,
-                 progress: Callable[[int], None] | None, policy: PullPolicy,
+                 progress: Progress | None, policy: PullPolicy,
                  report: PullReport) -> None:
     entries = image.toc.entries
     _create_tree(dest, entries)
@@ -158,7 +160,9 @@ def _materialize(store: ImageStore, image: Image, dest: str, concurrency: int,
             targets.setdefault(c.digest, []).append((os.path.join(dest, e.path), pos))
             pos += c.size
     frame_len = {d: loc.csize for d, loc in image.index.locations.items()}
-    reads = plan_ranges(image.toc.unique_chunks(), image.index.locations)
+    unique = image.toc.unique_chunks()
+    reads = plan_ranges(unique, image.index.locations)
+    counter = Counter(sum(c.size for c in unique), progress)
 
     def write(rr: RangeRead, data: bytes) -> int:
         n = 0
@@ -181,8 +185,7 @@ def _materialize(store: ImageStore, image: Image, dest: str, concurrency: int,
                 data = await store.backend.get_range(f"blobs/sha256/{rr.blob[7:]}",
                                                      rr.offset, rr.length)
                 n = await asyncio.to_thread(write, rr, data)
-            if progress:
-                progress(n)
+            counter.add(n)
         await asyncio.gather(*(one(rr) for rr in reads))
 
     run_sync(fetch_all())

@@ -24,9 +24,9 @@ from warmstart.loader.mapped import mappable, stream_mapped
 from warmstart.loader.memory import DeviceMemory, HostRing, TorchCudaMemory, host_tensor
 from warmstart.loader.pipeline import Destination, execute, settle
 from warmstart.loader.plan import direct_readable, plan_reads
+from warmstart.storage.progress import Counter, Progress
 
 log = logging.getLogger("warmstart.loader")
-Progress = Callable[[int, int], None]
 _DONE = object()
 STREAM_GROUPS_AHEAD = 2  # stream(): groups allocated beyond the one being consumed
 
@@ -153,13 +153,7 @@ async def astream(uri: str, device: str | torch.device = "cpu", *,
         ready: asyncio.Queue = asyncio.Queue()
         window = asyncio.Semaphore(_groups_ahead) if _groups_ahead else None
         total = plan.read_bytes
-        done_bytes = 0
-
-        def on_progress(n: int) -> None:
-            nonlocal done_bytes
-            done_bytes += n
-            if progress is not None:
-                progress(done_bytes, total)
+        on_progress = Counter(total, progress).add
 
         async def drive() -> None:
             try:

@@ -28,8 +28,10 @@ class PluginOptions:
     model path vLLM was given (or the s3:// URI vLLM pulled the config from)."""
 
     node_cache: str = "auto"
-    """"auto": with several ranks on a node and remote weights, one rank copies the checkpoint
-    to a node-local folder and every rank reads it from there; "on": always; "off": never."""
+    """"auto": with several ranks on a node and s3:// weights on remote storage, one rank copies
+    the checkpoint to a node-local folder and every rank reads it from there; "on": also with
+    one rank; "off": never. Local checkpoints and S3 endpoints on this node (the Ray node
+    gateway) are never copied: they are read in place."""
 
     node_cache_dir: str | None = None
     """Folder for the node-local copy; None: `$VLLM_CACHE_ROOT/warmstart-node-cache`."""

@@ -44,3 +44,50 @@ def test_errors_are_one_clear_line(capsys, tmp_path):
     rc, _, err = run(capsys, "convert", str(tmp_path / "missing"), "--store", str(tmp_path),
                      "--tag", "x")
     assert rc == 1 and "missing" in err
+
+
+def on_a_terminal(*argv: str) -> tuple[int, str]:
+    """Runs `warmstart ARGV` with stderr on a pseudo-terminal (120 columns); returns the exit
+    status and what the terminal showed, carriage returns as new lines."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import subprocess
+    import sys
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    proc = subprocess.Popen([sys.executable, "-m", "warmstart.cli", *argv], stdin=slave,
+                            stdout=subprocess.DEVNULL, stderr=slave)
+    os.close(slave)
+    shown = b""
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not data:
+            break
+        shown += data
+    os.close(master)
+    return proc.wait(timeout=120), shown.decode(errors="replace").replace("\r", "\n")
+
+
+def test_progress_bars_on_a_terminal(tmp_path):
+    """convert (total unknown), push and pull (total known) draw their bars from the one
+    `(done, total)` protocol and end at 100% of the image's bytes."""
+    import os
+
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "f.bin").write_bytes(os.urandom(3_000_000))
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    rc, shown = on_a_terminal("image", "convert", str(root), "--store", a, "--tag", "v1")
+    assert rc == 0 and "convert: 3.00MB" in shown, shown[-500:]
+    rc, shown = on_a_terminal("image", "push", "--from", a, "--to", b, "v1")
+    assert rc == 0 and "push: 100%" in shown and "3.00M/3.00M" in shown, shown[-500:]
+    rc, shown = on_a_terminal("image", "pull", "--store", b, "v1", str(tmp_path / "out"))
+    assert rc == 0 and "pull: 100%" in shown and "3.00M/3.00M" in shown, shown[-500:]
+    assert (tmp_path / "out" / "f.bin").read_bytes() == (root / "f.bin").read_bytes()

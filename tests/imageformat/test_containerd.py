@@ -219,7 +219,7 @@ def test_a_recorded_profile_is_prefetched_when_containerd_pulls(registry_images,
                  f"{host}/x:v2", remote=True)
         assert len(_lazy_mounts(node)) == 1
         cache = os.path.join(node.snap_root, "cache")
-        want = {os.path.join(cache, d[:2], d) for d in profile.chunks}
+        want = {os.path.join(cache, "data", d[:2], d) for d in profile.chunks}
         deadline = time.monotonic() + 60
         while not all(os.path.isfile(p) for p in want) and time.monotonic() < deadline:
             time.sleep(0.05)

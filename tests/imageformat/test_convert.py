@@ -142,3 +142,29 @@ def test_converted_image_lives_beside_the_original_in_one_oci_layout(oci_layout,
         assert out.returncode == 0, out.stderr
     pull(ImageStore.open(layout), "v1-warmstart", str(tmp_path / "pulled"))
     assert os.path.isfile(tmp_path / "pulled/usr/bin/python3.11")
+
+
+def test_convert_push_and_pull_report_done_and_total(py_rootfs, tmp_path):
+    """One progress protocol (warmstart.storage.progress): cumulative `(done, total)`; pull and
+    push know their total ahead and end at it, convert streams layers and reports total 0."""
+    from warmstart.imageformat.convert import push
+
+    def recorder():
+        calls = []
+        return calls, lambda done, total: calls.append((done, total))
+
+    converted, on_convert = recorder()
+    with ImageStore.open(str(tmp_path / "a")) as a, ImageStore.open(str(tmp_path / "b")) as b:
+        convert(py_rootfs, a, "v1", blob_size=BLOB, progress=on_convert)
+        chunks = a.open_image("v1").toc.unique_chunks()
+        pushed, on_push = recorder()
+        push(a, "v1", b, "v1", progress=on_push)
+        pulled, on_pull = recorder()
+        pull(b, "v1", str(tmp_path / "out"), progress=on_pull, policy=exact_policy())
+    size = sum(c.size for c in chunks)
+    for calls in (converted, pushed, pulled):
+        done = [d for d, _ in calls]
+        assert calls and done == sorted(done)  # cumulative, never deltas
+    assert {t for _, t in converted} == {0} and converted[-1][0] >= size
+    assert pushed[-1] == (size, size) and {t for _, t in pushed} == {size}
+    assert pulled[-1] == (size, size) and {t for _, t in pulled} == {size}

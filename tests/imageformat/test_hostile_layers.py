@@ -62,11 +62,11 @@ def test_a_10_gib_gzip_bomb_stops_early_and_leaves_nothing(tmp_path):
     seen = []
     with ImageStore.open(str(tmp_path / "store")) as s:
         with pytest.raises(LayerTooLarge, match=r"layer 0: decompresses more than 100x"):
-            convert(source, s, "v1", workdir=str(work), progress=seen.append)
+            convert(source, s, "v1", workdir=str(work), progress=lambda done, _total: seen.append(done))
         assert s.tags() == {}
     assert os.listdir(work) == []
     # the ratio is judged once 256 MiB came out; the chunker saw not much more than that
-    assert sum(seen) <= LayerLimits().ratio_floor + (16 << 20)
+    assert seen[-1] <= LayerLimits().ratio_floor + (16 << 20)
 
 
 def test_the_image_wide_byte_limit_counts_every_layer(tmp_path):

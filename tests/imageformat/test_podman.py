@@ -240,7 +240,7 @@ def test_a_profile_recorded_by_podman_is_prefetched_when_podman_pulls(
     node = Podman(tmp_path / "node", store.dir)
     try:
         node("pull", "--tls-verify=false", f"{host}/podrec:v2")
-        want = {os.path.join(store.cache, d[:2], d) for d in image.profile.chunks}
+        want = {os.path.join(store.cache, "data", d[:2], d) for d in image.profile.chunks}
         deadline = time.monotonic() + 60
         while not all(os.path.isfile(p) for p in want) and time.monotonic() < deadline:
             time.sleep(0.05)

@@ -30,7 +30,7 @@ def test_convert_by_tag_and_digest_matches_the_oci_layout(registry_images, oci_l
     work.mkdir()
     seen: set[str] = set()
 
-    def progress(_n: int) -> None:  # what lies in the work folder while layers stream
+    def progress(_done: int, _total: int) -> None:  # what lies in the work folder while layers stream
         for dirpath, _, files in os.walk(work):
             seen.update(files)
 

@@ -302,17 +302,18 @@ def test_memory_stays_bounded_throughout_a_slow_stream(env):
 SHARER = r"""
 import hashlib, json, random, sys
 from warmstart.imageformat._aio import run_sync
-from warmstart.imageformat.cache import ChunkCache
 from warmstart.imageformat.store import ImageStore
+from warmstart.storage.chunkstore import ChunkStore
 store_path, cache_dir, seed = sys.argv[1], sys.argv[2], int(sys.argv[3])
 with ImageStore.open(store_path) as store:
     image = store.open_image("v1")
     chunks = image.toc.unique_chunks()
     random.Random(seed).shuffle(chunks)
-    cache = ChunkCache(cache_dir, memory_bytes=0)
+    cache = ChunkStore(cache_dir)
     fetch = lambda c: run_sync(store.fetch_chunk(image, c))
     bad = [c.digest for c in chunks
-           if hashlib.sha256(cache.get(c, fetch)).hexdigest() != c.digest]
+           if hashlib.sha256(cache.get_or_fetch(c.digest, lambda: fetch(c), c.size)).hexdigest()
+           != c.digest]
 print(json.dumps({"chunks": len(chunks), "bad": bad, "fetched": cache.stats.misses}))
 """
 
@@ -346,23 +347,25 @@ def test_processes_share_one_chunk_cache(tmp_path):
                for p in procs]
     assert all(r["bad"] == [] for r in results)
     total = results[0]["chunks"]
-    names = [p for p in cache.rglob("*") if p.is_file() and len(p.name) == 64]
-    assert len(names) == total
+    names = [p for p in (cache / "data").rglob("*") if p.is_file() and len(p.name) == 64]
+    from warmstart.storage.chunkstore import ChunkStore
+
+    assert len(names) == total and len(ChunkStore(str(cache)).digests()) == total
     for p in names:
         assert hashlib.sha256(p.read_bytes()).hexdigest() == p.name
 
 
 def test_cache_restart_removes_temp_files_of_killed_writers(tmp_path):
-    """A writer killed between write and rename leaves `.tmp-*`; the next cache to open the
-    folder removes those old enough to have no live writer, and keeps fresh ones."""
-    from warmstart.imageformat.cache import STALE_TMP_SECONDS, ChunkCache
+    """A writer killed between write and rename leaves a temp file; the next store to open
+    the folder removes those old enough to have no live writer, and keeps fresh ones."""
+    from warmstart.storage.chunkstore import STALE_TMP_SECONDS, TMP_PREFIX, ChunkStore
 
-    sub = tmp_path / "ab"
+    sub = tmp_path / "data" / "ab"
     sub.mkdir(parents=True)
-    old, fresh = sub / ".tmp-old", sub / ".tmp-fresh"
+    old, fresh = sub / f"{TMP_PREFIX}old", sub / f"{TMP_PREFIX}fresh"
     old.write_bytes(b"half a chunk")
     fresh.write_bytes(b"being written")
     past = time.time() - STALE_TMP_SECONDS - 60
     os.utime(old, (past, past))
-    ChunkCache(str(tmp_path))
+    ChunkStore(str(tmp_path))
     assert not old.exists() and fresh.exists()

@@ -7,4 +7,5 @@ Layers, bottom up:
   source, http      the `Source` interface; the ranged-GET data path (http and https)
   s3                the one S3 client (aiobotocore) and the S3Object / HttpObject sources
   sync, progress    the sync facade (one I/O thread) and the `(done, total)` progress protocol
+  chunkstore        the node's one content-addressed chunk store (cross-process, bounded, verified)
 """

@@ -1,7 +1,8 @@
 """The one progress protocol: `progress(done, total)`, bytes so far and bytes in all.
 
-Every long operation (load, pull, push, a gateway fill) reports cumulative counts, never
-deltas, so a report can be dropped or repeated without the bar drifting. `Counter` turns the
+Every long operation (load, pull, push, convert, a gateway fill) reports cumulative counts,
+never deltas, so a report can be dropped or repeated without the bar drifting. `total` is 0
+while it is not known ahead (convert streams layers whose sizes are unknown until read). `Counter` turns the
 deltas a pipeline naturally has into calls of the protocol, from any thread.
 """
 

@@ -31,7 +31,10 @@ from warmstart.storage.uri import S3Uri
 
 T = TypeVar("T")
 SIGNATURE_REFRESH = 240.0  # SigV4 signatures are valid for 15 minutes; re-sign well before
-PART_SIZE = 64 << 20  # multipart uploads above this size, in parts of this size
+PART_SIZE = 64 << 20  # parts of a multipart upload
+MULTIPART_ABOVE = 1 << 30  # one PUT up to this size (S3 takes 5 GiB); multipart above it
+# (the image store's blobs are "64 MiB" plus their last frame: as a multipart upload of a full
+# part and a few kB, a push took 1.4x as long against localbucket)
 BOTOCORE_BLOCK = 1 << 20
 
 
@@ -157,7 +160,7 @@ class S3Client:
 
     # --- writes --------------------------------------------------------------------------
     async def put(self, uri: S3Uri, data: bytes | memoryview) -> None:
-        if len(data) <= PART_SIZE:
+        if len(data) <= MULTIPART_ABOVE:
             await self._call(f"PUT {uri}", lambda: self.client.put_object(
                 Bucket=uri.bucket, Key=uri.key, Body=bytes(data)))
             return
