@@ -13,10 +13,9 @@ one engine share; engines never reuse each other's copies, so a changed object c
 served stale.
 
 No second copy of bytes the node already has: a local checkpoint is always read in place (every
-rank maps the same page cache), whatever `node_cache` says; and an `s3://` checkpoint read
-through an endpoint on this node (a loopback address: the Ray node gateway's front, whose chunk
-store is the node's one copy, or an S3 server on the node) is read through it by every rank,
-not copied again. Only an `s3://` checkpoint on remote storage gets the node folder.
+rank maps the same page cache), whatever `node_cache` says. Under `ray.serve.llm` the Ray node
+gateway's copy is such a local checkpoint (its callback points `weights` at it and turns
+`node_cache` off). Only an `s3://` checkpoint gets the node folder.
 """
 
 from __future__ import annotations
@@ -30,7 +29,6 @@ import os
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
-from urllib.parse import urlsplit
 
 from warmstart.vllm_plugin.options import PluginOptions
 
@@ -47,25 +45,11 @@ class SharePlan:
     readers: int  # ranks of this engine on this node; the last one to finish cleans up
 
 
-LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
-
-
-def on_this_node(endpoint: str | None) -> bool:
-    """Whether an S3 endpoint URL is served from this node (a loopback address). Pure."""
-    if not endpoint:
-        return False
-    host = (urlsplit(endpoint).hostname or "").lower()
-    return host in LOOPBACK_HOSTS or host.startswith("127.")
-
-
 def plan_sharing(uri: str, options: PluginOptions, ranks_on_node: int, instance_id: str,
-                 cache_root: str, endpoint: str | None = None) -> SharePlan | None:
-    """Whether (and where) the ranks on this node share one copy; `endpoint` is the S3
-    endpoint the loader reads through (None: AWS). Pure."""
+                 cache_root: str) -> SharePlan | None:
+    """Whether (and where) the ranks on this node share one copy. Pure."""
     if options.node_cache == "off" or not uri.startswith("s3://"):
         return None  # local files are read in place: the ranks share the page cache
-    if on_this_node(endpoint):
-        return None  # the node already holds the bytes (the Ray gateway's chunk store)
     if options.node_cache == "auto" and ranks_on_node < 2:
         return None
     key = hashlib.sha256(uri.encode()).hexdigest()[:16]
@@ -77,11 +61,8 @@ def plan_sharing(uri: str, options: PluginOptions, ranks_on_node: int, instance_
 @contextlib.contextmanager
 def shared_copy(uri: str, options: PluginOptions, loader_config) -> Iterator[str]:
     """Yields the URI this rank should read: `uri` itself, or the node-local copy."""
-    from warmstart.storage.config import StorageConfig
-
     ranks, instance_id, cache_root = _engine_facts()
-    endpoint = StorageConfig.from_env(endpoint_url=loader_config.s3_endpoint_url).endpoint_url
-    plan = plan_sharing(uri, options, ranks, instance_id, cache_root, endpoint)
+    plan = plan_sharing(uri, options, ranks, instance_id, cache_root)
     if plan is None:
         yield uri
         return
