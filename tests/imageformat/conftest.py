@@ -125,8 +125,13 @@ storage:
 http:
   addr: 127.0.0.1:{port}
 {extra}""")
-    proc = subprocess.Popen(["docker-registry", "serve", str(config)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # Its log goes to a file, never to a pipe nobody drains: once 64 KiB of error lines
+    # (unknown blobs, refused pushes) filled a pipe, the request logging the next line
+    # blocked forever while other requests were still answered.
+    log_path = root / "registry.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(["docker-registry", "serve", str(config)],
+                                stdout=subprocess.DEVNULL, stderr=log)
     deadline = time.monotonic() + 30
     while True:
         try:
@@ -137,7 +142,7 @@ http:
         except OSError:
             if proc.poll() is not None or time.monotonic() > deadline:
                 proc.kill()
-                err = proc.stderr.read().decode(errors="replace")[-2000:]
+                err = log_path.read_text(errors="replace")[-2000:]
                 pytest.fail(f"docker-registry did not start: {err}")
             time.sleep(0.05)
     return proc, f"127.0.0.1:{port}"
