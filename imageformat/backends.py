@@ -116,7 +116,12 @@ class S3Backend:
         if self._client is None:
             if self._opening is None:  # concurrent first calls open one client
                 self._opening = asyncio.ensure_future(S3Client(self.config).__aenter__())
-            self._client = await asyncio.shield(self._opening)
+            try:
+                self._client = await asyncio.shield(self._opening)
+            except BaseException:
+                if self._opening.done():  # a failed open is tried again by the next call
+                    self._opening = None
+                raise
         return self._client
 
     async def get(self, key: str) -> bytes:

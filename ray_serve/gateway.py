@@ -28,6 +28,7 @@ from warmstart.storage import sync
 from warmstart.storage.config import StorageConfig
 from warmstart.storage.retry import RetryPolicy
 from warmstart.storage.s3 import S3Client
+from warmstart.storage.source import Target
 from warmstart.storage.uri import S3Uri
 
 log = logging.getLogger("warmstart.ray_serve")
@@ -270,9 +271,12 @@ class Gateway:
                 self._client = sync.run(S3Client(self._storage).__aenter__())
             return self._client
 
-    def _get_range_from_s3(self, obj: ObjectId, offset: int, length: int) -> bytes:
-        return sync.run(self._s3().get_range(S3Uri(obj.bucket, obj.key), offset, length,
-                                             etag=obj.etag or None))
+    def _get_range_from_s3(self, obj: ObjectId, offset: int, length: int) -> bytearray:
+        """Received straight into the buffer it returns (no copy into a `bytes`)."""
+        buf = bytearray(length)
+        sync.run(self._s3().get_into(S3Uri(obj.bucket, obj.key), offset, Target.of(buf),
+                                     etag=obj.etag or None))
+        return buf
 
     def close(self) -> None:
         with self._lock:

@@ -56,8 +56,7 @@ def error_for_answer(status: int, code: str, message: str, what: str) -> SourceE
     detail = f"HTTP {status}" if status else "error"
     detail += (f" {code}" if code and code != str(status) else "")
     detail += f": {message}" if message else ""
-    if code in NOT_FOUND_CODES or (not code and status == 404) or (status == 404 and
-                                                                   code not in DENIED_CODES):
+    if code in NOT_FOUND_CODES or (status == 404 and code not in DENIED_CODES):
         return NotFound(errno.ENOENT, f"{what}: not found ({detail})")
     if code in DENIED_CODES or status in (401, 403):
         return AccessDenied(errno.EACCES, f"{what}: access denied ({detail})")

@@ -29,7 +29,7 @@ def loop() -> asyncio.AbstractEventLoop:
         if _loop is None or _thread is None or not _thread.is_alive():
             _loop = asyncio.new_event_loop()
             # asyncio.to_thread on this loop (closing executors) gets named threads
-            _loop.set_default_executor(ThreadPoolExecutor(4, thread_name_prefix="warmstart-aux"))
+            _loop.set_default_executor(ThreadPoolExecutor(2, thread_name_prefix="warmstart-aux"))
             ready = threading.Event()
 
             def serve() -> None:
