@@ -1,6 +1,7 @@
 """Lazy image start vs full pull, bytes fetched vs read, second-version push growth.
 
     python -m warmstart.benchmarks.image_bench [--torch] [--runs 3] [--throttle 150M]
+    python -m warmstart.benchmarks.image_bench --runtime containerd [--runs 3]   (root)
 
 Builds a Python + numpy (or + torch, for a >= 1 GB image) rootfs offline from this machine,
 packs it into an OCI layout with umoci, converts it, pushes it to a local S3 server
@@ -198,7 +199,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--server", default="nanio", choices=("nanio", "localbucket"),
                     help="local S3 server (localbucket answers small ranged GETs from "
                          "aiobotocore ~40 ms late: a Nagle/delayed-ACK artifact)")
+    ap.add_argument("--runtime", choices=("containerd",),
+                    help="instead: start a registry image under containerd, with and without "
+                         "the warmstart snapshotter (benchmarks/image_runtime.py; root)")
+    ap.add_argument("--cache", default="bench-out/image-runtime-cache",
+                    help="--runtime: where the built image and the registry's storage stay "
+                         "between runs")
     args = ap.parse_args(argv)
+    if args.runtime:
+        from warmstart.benchmarks import image_runtime
+        return image_runtime.main(args)
     from warmstart.testing.s3server import start_server
     os.makedirs(args.out, exist_ok=True)
     work = tempfile.mkdtemp(prefix="warmstart-image-bench-", dir=args.workdir)

@@ -131,16 +131,16 @@ def add_full_stdlib(root: str) -> None:
 
 def add_site_packages(root: str, names: list[str]) -> None:
     """Copies packages (e.g. numpy, numpy.libs, torch) of the running interpreter into the
-    image's /usr/lib/python3/dist-packages (same CPython minor version as the image)."""
+    image's /usr/lib/python3/dist-packages (same CPython minor version as the image); a venv
+    made with --system-site-packages finds them in the base interpreter's site-packages."""
     import sysconfig
-    site = sysconfig.get_paths()["purelib"]
-    # a venv made with --system-site-packages imports them from the base interpreter's
-    sites = [site] + [p for p in sys.path if p.endswith("site-packages") and p != site]
+    sites = [sysconfig.get_paths()["purelib"]] + [
+        p for p in sys.path if p.endswith("site-packages") and os.path.isdir(p)]
     dest = os.path.join(root, "usr/lib/python3/dist-packages")
     os.makedirs(dest, exist_ok=True)
     for name in names:
-        src = next((os.path.join(d, name) for d in sites
-                    if os.path.exists(os.path.join(d, name))), os.path.join(site, name))
+        site = next((s for s in sites if os.path.exists(os.path.join(s, name))), sites[0])
+        src = os.path.join(site, name)
         if os.path.isdir(src):
             shutil.copytree(src, os.path.join(dest, name), symlinks=True,
                             ignore=shutil.ignore_patterns("__pycache__"))
@@ -152,9 +152,12 @@ def add_site_packages(root: str, names: list[str]) -> None:
 
 def add_shared_libs(root: str) -> None:
     """Copies the system libraries every extension module in the image links against
-    (libstdc++, libgcc_s, ...) when the image lacks them."""
+    (libstdc++, libgcc_s, libffi for ctypes, ...) when the image lacks them: site-packages
+    and the stdlib's own lib-dynload alike."""
+    import glob
     wanted: set[str] = set()
-    for dirpath, _, files in os.walk(os.path.join(root, "usr/lib/python3")):
+    walks = [os.walk(d) for d in sorted(glob.glob(os.path.join(root, "usr/lib/python3*")))]
+    for dirpath, _, files in (w for walk in walks for w in walk):
         for name in files:
             if ".so" in name:
                 try:

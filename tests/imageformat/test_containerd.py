@@ -31,6 +31,13 @@ def _problem() -> str | None:
                "stargz-snapshotter, fuse3)"
     if not os.path.exists("/dev/fuse"):
         return "/dev/fuse does not exist"
+    import importlib.util
+    gone = [m for m, pkg in (("grpc", "grpcio"), ("grpc_tools", "grpcio-tools"),
+                             ("pyfuse3", "pyfuse3"))
+            if importlib.util.find_spec(m) is None]
+    if gone:
+        return f"Python packages missing: {', '.join(gone)} (pip install grpcio grpcio-tools " \
+               "and the image extra)"
     if not os.path.isdir("/usr/share/gocode/src/github.com/containerd/containerd/api"):
         return "containerd's protos are missing (golang-github-containerd-containerd-dev)"
     return None
