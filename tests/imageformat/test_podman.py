@@ -34,6 +34,9 @@ def _problem() -> str | None:
                "docker-registry)"
     if not os.path.exists("/dev/fuse"):
         return "/dev/fuse does not exist"
+    import importlib.util
+    if importlib.util.find_spec("pyfuse3") is None:
+        return "pyfuse3 is not installed (the layer store serves FUSE: pip install -e '.[image]')"
     return None
 
 

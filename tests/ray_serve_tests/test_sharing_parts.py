@@ -23,6 +23,8 @@ from conftest import BUCKET, checkpoint_bytes, oracle
 
 MiB = 1 << 20
 
+NEEDS_RAY = "Ray is not installed (pip install -e '.[ray]')"
+
 
 def test_pieces_cover_the_object_and_shares_are_disjoint():
     obj = plan.ObjectId("b", "k", 10 * MiB + 5, '"e"')
@@ -149,6 +151,7 @@ def s3_env(localbucket, monkeypatch):
 
 def test_two_gateways_read_storage_once_and_catch_a_corrupt_peer(s3_checkpoint, s3_env,
                                                                   tmp_path):
+    pytest.importorskip("ray", reason=NEEDS_RAY)  # the replica asks its gateway over Ray
     want = oracle(s3_checkpoint)
     pair = Pair(tmp_path, s3_env.endpoint)
     try:
@@ -193,6 +196,7 @@ def test_two_gateways_read_storage_once_and_catch_a_corrupt_peer(s3_checkpoint, 
 
 def test_peer_bytes_that_do_not_match_their_digest_are_read_again(s3_checkpoint, s3_env,
                                                                   tmp_path):
+    pytest.importorskip("ray", reason=NEEDS_RAY)  # the replica asks its gateway over Ray
     want = oracle(s3_checkpoint)
     pair = Pair(tmp_path, s3_env.endpoint)
     real = pair.fetch
@@ -214,6 +218,7 @@ def test_peer_bytes_that_do_not_match_their_digest_are_read_again(s3_checkpoint,
 
 def test_the_replica_reads_first_pieces_before_the_last_has_landed(s3_checkpoint, s3_env,
                                                                   tmp_path):
+    pytest.importorskip("ray", reason=NEEDS_RAY)  # the replica asks its gateway over Ray
     """Pipelined: while the later pieces cannot land (their object storage reads wait for an
     event), the tensors in the first pieces are already handed out."""
     from warmstart.loader import LoaderConfig, stream
@@ -267,6 +272,7 @@ def test_object_storage_errors_reach_the_replica_by_name(s3_env, tmp_path):
 
 
 def test_whole_versions_are_evicted_least_recently_used_first(s3_checkpoint, s3_env, tmp_path):
+    pytest.importorskip("ray", reason=NEEDS_RAY)  # the replica asks its gateway over Ray
     size = checkpoint_bytes(s3_checkpoint)
     for i in range(2):  # a second version of the checkpoint under another prefix
         s3_env.upload_tree(s3_checkpoint, BUCKET, f"copy{i}")

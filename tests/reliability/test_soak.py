@@ -205,7 +205,10 @@ def test_cancelled_staged_stream_gives_back_its_ring(env):
 
 
 INTERRUPTED = r"""
-import json, os, sys, threading, time
+import json, os, signal, sys, threading, time
+# A test runner started in the background by a non-interactive shell (nohup ... &, some CI
+# runners) inherits SIGINT ignored, and Python keeps it ignored: Ctrl-C must mean Ctrl-C here.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 sys.path.insert(0, sys.argv[1])
 from matrix import CONFIG, sockets_to
 from warmstart.loader import load
