@@ -6,9 +6,17 @@ heavy modules never hold two clusters at once on this 2-core machine.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 BUCKET = "ray-models"
+
+# Serve kills its HTTP proxy when the proxy is not ready within 5 s or misses health checks
+# of 10 s: on two busy cores that is a verdict about the machine's load, not about warmstart.
+# Ray's processes inherit these from the driver (the tests' ray.init).
+for _name in ("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S"):
+    os.environ.setdefault(_name, "300")
 
 
 @pytest.fixture(scope="session")
