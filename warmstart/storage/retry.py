@@ -39,6 +39,23 @@ class RetryPolicy:
         return rng.uniform(0.0, min(self.max_delay, self.base_delay * (2 ** attempt)))
 
 
+def _pause_after(policy: RetryPolicy, what: str, n: int, exc: Retryable, rng,
+                 on_retry: Callable[[BaseException], None] | None) -> float:
+    """After attempt `n` failed with `exc`: raises (no retries asked for: the original, which
+    the caller may retry; the last attempt: RetriesExhausted), else the pause before the next.
+    Shared by `attempt` and `attempt_blocking`. Must be called inside the `except`."""
+    if policy.max_attempts == 1:
+        raise exc
+    if n + 1 >= policy.max_attempts:
+        raise RetriesExhausted(f"{what}: gave up after {policy.max_attempts} attempts; last "
+                               f"error: {exc}") from exc
+    if on_retry is not None:
+        on_retry(exc)
+    pause = policy.delay(n, rng)
+    log.debug("%s failed (%s); retry %d in %.2fs", what, exc, n + 1, pause)
+    return pause
+
+
 async def attempt(policy: RetryPolicy, what: str, call: Callable[[], Awaitable[T]],
                   rng: random.Random | None = None,
                   on_retry: Callable[[BaseException], None] | None = None) -> T:
@@ -48,17 +65,7 @@ async def attempt(policy: RetryPolicy, what: str, call: Callable[[], Awaitable[T
         try:
             return await call()
         except Retryable as exc:
-            if policy.max_attempts == 1:
-                raise  # no retries asked for: the caller sees (and may retry) the original
-            if n + 1 >= policy.max_attempts:
-                raise RetriesExhausted(
-                    f"{what}: gave up after {policy.max_attempts} attempts; last error: "
-                    f"{exc}") from exc
-            if on_retry is not None:
-                on_retry(exc)
-            pause = policy.delay(n, rng)
-            log.debug("%s failed (%s); retry %d in %.2fs", what, exc, n + 1, pause)
-            await asyncio.sleep(pause)
+            await asyncio.sleep(_pause_after(policy, what, n, exc, rng, on_retry))
     raise AssertionError("unreachable")
 
 
@@ -73,17 +80,7 @@ def attempt_blocking(policy: RetryPolicy, what: str, call: Callable[[], T],
         try:
             return call()
         except Retryable as exc:
-            if policy.max_attempts == 1:
-                raise
-            if n + 1 >= policy.max_attempts:
-                raise RetriesExhausted(
-                    f"{what}: gave up after {policy.max_attempts} attempts; last error: "
-                    f"{exc}") from exc
-            if on_retry is not None:
-                on_retry(exc)
-            pause = policy.delay(n, rng)
-            log.debug("%s failed (%s); retry %d in %.2fs", what, exc, n + 1, pause)
-            sleep(pause)
+            sleep(_pause_after(policy, what, n, exc, rng, on_retry))
     raise AssertionError("unreachable")
 
 
