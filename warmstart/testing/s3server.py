@@ -24,6 +24,17 @@ ACCESS_KEY = "warmstart-test-key"
 SECRET_KEY = "warmstart-test-secret-0123456789"
 
 
+def stop_process(process: subprocess.Popen | None, grace: float = 10.0) -> None:
+    """Terminates a server child, killing it if it has not exited after `grace` seconds."""
+    if process is not None and process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 @dataclass
 class S3Server:
     kind: str
@@ -99,13 +110,7 @@ class S3Server:
                 self.upload_file(path, bucket, f"{prefix.rstrip('/')}/{path.name}".lstrip("/"))
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
         if self.log_path:
             with contextlib.suppress(OSError):
                 os.unlink(self.log_path)

@@ -32,7 +32,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from warmstart.testing.s3server import S3Server, free_port
+from warmstart.testing.s3server import S3Server, free_port, stop_process
 
 NGINX = "/usr/sbin/nginx"
 
@@ -153,13 +153,7 @@ class TlsFront:
         return f"{self.endpoint}/{bucket}/{key}"
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process)
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
