@@ -122,18 +122,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _command(kind: str, port: int, data_dir: str) -> tuple[list[str], dict[str, str]]:
+def _command(kind: str, port: int, data_dir: str,
+             host: str = "127.0.0.1") -> tuple[list[str], dict[str, str]]:
     env = dict(os.environ)
     if kind == "localbucket":
-        return [sys.executable, "-m", "localbucket", "--host", "127.0.0.1", "--port", str(port),
+        return [sys.executable, "-m", "localbucket", "--host", host, "--port", str(port),
                 data_dir], env
     if kind == "nanio":
         env.update(NANIO_ACCESS_KEY=ACCESS_KEY, NANIO_SECRET_KEY=SECRET_KEY)
-        return [sys.executable, "-m", "nanio", "serve", "--host", "127.0.0.1", "--port",
+        return [sys.executable, "-m", "nanio", "serve", "--host", host, "--port",
                 str(port), "--data-dir", data_dir, "--no-access-log", "--log-level",
                 "warning"], env
     if kind == "moto":
-        return [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], env
+        return [sys.executable, "-m", "moto.server", "-H", host, "-p", str(port)], env
     raise ValueError(f"unknown S3 server kind {kind!r}; choose one of {SERVERS}")
 
 
