@@ -1,10 +1,16 @@
 """Benchmark: `serve.run` to the first answer, and bytes read from object storage, for N
-replicas on N simulated nodes (`ray.cluster_utils.Cluster`), warmstart vs download-then-load.
+replicas on N nodes, warmstart vs download-then-load.
 
   python -m warmstart.ray_serve.bench --size 1GiB --nodes 1 2 3 --runs 3 --out DIR \
-      [--s3-bandwidth 200MB]
+      [--s3-bandwidth 200MB] [--hosts netns --node-link 1Gbit]
 
-The checkpoint (2 bf16 shards) lives in a local `localbucket` S3 server behind a counting proxy.
+Nodes are simulated by default (`ray.cluster_utils.Cluster`, all in this machine's network
+namespace); the checkpoint (2 bf16 shards) lives in a local `localbucket` S3 server behind a
+counting proxy (safetensors bytes counted; --s3-bandwidth caps the proxy). With `--hosts
+netns` (root) each node is a host of `warmstart.testing.netns`, a network namespace with its
+own address and `ray start`, its link capped at --node-link; the S3 server runs on a host of
+its own whose link is capped at --s3-bandwidth (tc), and bytes are what that link sent (every
+request, headers included). All hosts still share this machine's CPUs and disk.
 Methods, measured side by side in the same clusters (order alternating per repetition):
   warmstart  `load_in_replica` with cluster sharing (fresh node cache and gateways each run)
   warm       right after a warmstart run, a second scale-up of the same deployment: the
@@ -22,10 +28,13 @@ import os
 import platform
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from warmstart.errors import ConfigError
 
 METHODS = ("warmstart", "download")
 ALL_METHODS = ("warmstart", "warm", "download")
@@ -74,43 +83,55 @@ def _one(serve, n: int, method: str, uri: str, work: Path, run: str, cache: str,
     return seconds
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", default="1GiB")
-    parser.add_argument("--nodes", type=int, nargs="+", default=[1, 2, 3])
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--out", default="ray-bench-results")
-    parser.add_argument("--s3-bandwidth", default=None,
-                        help="cap object storage for the whole cluster (e.g. 200MB: bytes/s "
-                             "shared by every GET), as when the storage link is the limit")
-    args = parser.parse_args(argv)
+def _measure(serve, n: int, runs: int, uri: str, work: Path, reset, read,
+             ckpt_bytes: int) -> list[dict]:
+    """`runs` repetitions of every method on a running cluster of `n` bench nodes; `reset()`
+    and `read()` count the bytes object storage serves in between."""
+    rows = []
+    work.mkdir(exist_ok=True)
+    for rep in range(runs):
+        # alternate which method goes first, so neither always pays for a
+        # cold cluster (first worker processes, Serve's first deployment)
+        order = METHODS if rep % 2 == 0 else METHODS[::-1]
+        steps = [m2 for m in order for m2 in ((m, "warm") if m == "warmstart" else (m,))]
+        for method in steps:
+            reset()
+            seconds = _one(serve, n, method if method != "warm" else "warmstart", uri, work,
+                           f"r{n}{method}{rep}", f"cache{n}{rep}", keep=method == "warmstart")
+            read_bytes = read()
+            rows.append({"nodes": n, "method": method, "run": rep, "seconds": seconds,
+                         "s3_bytes": read_bytes, "s3_ratio": read_bytes / ckpt_bytes})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
 
+
+def _simulated_rows(args, size: int, folder: Path, tmp: str, ckpt_bytes: int) -> list[dict]:
+    """N nodes of `ray.cluster_utils.Cluster` in this machine's own network namespace; object
+    storage counted (and capped) by a proxy in front of the S3 server."""
     import ray
     from ray import serve
     from ray.cluster_utils import Cluster
 
     from warmstart.loader.config import parse_size
-    from warmstart.testing.checkpoints import make_checkpoint
     from warmstart.testing.faultproxy import FaultProxy, bandwidth
     from warmstart.testing.s3server import running_server
 
-    size = parse_size(args.size, "--size")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     rows = []
-    with tempfile.TemporaryDirectory(prefix="ws-ray-bench-") as tmp, \
-            running_server("localbucket", os.path.join(tmp, "s3")) as server:
-        folder = make_checkpoint(Path(tmp) / "ckpt", size, shards=2)
-        ckpt_bytes = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+    with running_server("localbucket", os.path.join(tmp, "s3")) as server:
         server.create_bucket(BUCKET)
         server.upload_tree(folder, BUCKET, "ckpt")
-        shutil.rmtree(folder)
         uri = f"s3://{BUCKET}/ckpt/"
         with FaultProxy(server.endpoint) as proxy:
             if args.s3_bandwidth:
                 proxy.add_rule(bandwidth(parse_size(args.s3_bandwidth, "--s3-bandwidth")),
                                method="GET")
             env = {**server.env(), "AWS_ENDPOINT_URL": proxy.endpoint}
+
+            def read() -> int:
+                proxy.wait_idle(60)
+                return sum(v for k, v in proxy.stats().bytes_by_key.items()
+                           if k.endswith(".safetensors"))
+
             for n in args.nodes:
                 cluster = Cluster(initialize_head=True, head_node_args={
                     "num_cpus": 1, "include_dashboard": False,
@@ -122,32 +143,137 @@ def main(argv=None) -> None:
                 ray.init(address=cluster.address, runtime_env={"env_vars": env},
                          logging_level="error", log_to_driver=False)
                 serve.start(http_options={"location": "NoServer"})
-                work = Path(tmp) / "work"
-                work.mkdir(exist_ok=True)
                 try:
-                    for rep in range(args.runs):
-                        # alternate which method goes first, so neither always pays for a
-                        # cold cluster (first worker processes, Serve's first deployment)
-                        order = METHODS if rep % 2 == 0 else METHODS[::-1]
-                        steps = [m2 for m in order
-                                 for m2 in ((m, "warm") if m == "warmstart" else (m,))]
-                        for method in steps:
-                            proxy.reset_stats()
-                            seconds = _one(serve, n, method if method != "warm"
-                                           else "warmstart", uri, work,
-                                           f"r{n}{method}{rep}", f"cache{n}{rep}",
-                                           keep=method == "warmstart")
-                            proxy.wait_idle(60)
-                            read = sum(v for k, v in proxy.stats().bytes_by_key.items()
-                                       if k.endswith(".safetensors"))
-                            rows.append({"nodes": n, "method": method, "run": rep,
-                                         "seconds": seconds, "s3_bytes": read,
-                                         "s3_ratio": read / ckpt_bytes})
-                            print(json.dumps(rows[-1]), flush=True)
+                    rows += _measure(serve, n, args.runs, uri, Path(tmp) / "work",
+                                     proxy.reset_stats, read, ckpt_bytes)
                 finally:
                     serve.shutdown()
                     ray.shutdown()
                     cluster.shutdown()
+    return rows
+
+
+def _bed_rows(args, size: int, folder: Path, ckpt_bytes: int) -> list[dict]:
+    """--hosts netns: each Ray node a host of `warmstart.testing.netns` (a network namespace
+    with its own address and a link capped at --node-link), the S3 server on a host of its own
+    whose link is capped at --s3-bandwidth, `ray start` on each; for each N the measuring
+    driver runs on the head host (`--on-bed`), counting what the storage host's link sent."""
+    from warmstart.testing.netns import TestBed, TestBedError, ray_env, start_ray, start_s3
+
+    rows = []
+    with TestBed() as bed:
+        storage = bed.add_host("s3", rate=args.s3_bandwidth)
+        head = bed.add_host("head", rate=args.node_link)
+        nodes = [bed.add_host(f"n{i}", rate=args.node_link) for i in range(max(args.nodes))]
+        server = start_s3(bed, storage, bed.workdir / "s3")
+        try:
+            bed.call(storage, server.create_bucket, BUCKET)
+            bed.call(storage, server.upload_tree, folder, BUCKET, "ckpt")  # its loopback
+            for n in args.nodes:
+                address = start_ray(bed, head, head=True, object_store_memory=256 << 20)
+                for host in nodes[:n]:
+                    start_ray(bed, host, address=address, resources={"bench_node": 1},
+                              object_store_memory=max(256 << 20, 2 * size))
+                plan = {"bed": bed.describe(), "address": address, "nodes": n,
+                        "runs": args.runs, "uri": f"s3://{BUCKET}/ckpt/",
+                        "checkpoint_bytes": ckpt_bytes, "env": server.env(),
+                        "work": str(bed.workdir / f"work{n}"),
+                        "out": str(bed.workdir / f"rows{n}.json")}
+                plan_file = bed.workdir / f"plan{n}.json"
+                plan_file.write_text(json.dumps(plan))
+                driver = bed.command(head, [sys.executable, "-m", "warmstart.ray_serve.bench",
+                                            "--on-bed", str(plan_file)])
+                code = subprocess.run(driver, env={**os.environ, **ray_env(bed)}).returncode
+                if code:
+                    raise TestBedError(f"the bench driver on {head} failed ({code}) for "
+                                       f"N = {n}; Ray's logs: {bed.workdir / 'ray'}")
+                rows += json.loads(Path(plan["out"]).read_text())
+                for host in (*nodes[:n], head):  # Ray down on every host before the next N
+                    bed.stop(host)
+        finally:
+            server.stop()
+    return rows
+
+
+def _drive_on_bed(plan_file: str) -> None:
+    """The driver of `_bed_rows`, on the bed's head host: a Ray driver must run on a node of
+    its cluster, and the bed's nodes are reachable only from its hosts."""
+    import ray
+    from ray import serve
+
+    from warmstart.testing.netns import TestBed
+
+    plan = json.loads(Path(plan_file).read_text())
+    bed = TestBed.attach(plan["bed"])
+    storage = bed.hosts["s3"]
+    start = [0]
+
+    def reset() -> None:
+        start[0] = bed.link_bytes(storage)[0]
+
+    def read() -> int:  # once the link has been quiet for half a second
+        last = bed.link_bytes(storage)[0]
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            time.sleep(0.5)
+            now = bed.link_bytes(storage)[0]
+            if now == last:
+                break
+            last = now
+        return last - start[0]
+
+    ray.init(address=plan["address"], runtime_env={"env_vars": plan["env"]},
+             logging_level="error", log_to_driver=False)
+    deadline = time.monotonic() + 120
+    while sum(1 for x in ray.nodes() if x["Alive"]) < plan["nodes"] + 1:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{plan['nodes'] + 1} Ray nodes never became alive")
+        time.sleep(0.2)
+    serve.start(http_options={"location": "NoServer"})
+    try:
+        rows = _measure(serve, plan["nodes"], plan["runs"], plan["uri"], Path(plan["work"]),
+                        reset, read, plan["checkpoint_bytes"])
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    Path(plan["out"]).write_text(json.dumps(rows))
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", default="1GiB")
+    parser.add_argument("--nodes", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--out", default="ray-bench-results")
+    parser.add_argument("--s3-bandwidth", default=None,
+                        help="cap object storage for the whole cluster (e.g. 200MB: bytes/s "
+                             "shared by every GET), as when the storage link is the limit")
+    parser.add_argument("--hosts", choices=("simulated", "netns"), default="simulated",
+                        help="simulated: ray.cluster_utils.Cluster in this namespace; netns: "
+                             "each node (and object storage) a host of its own, a network "
+                             "namespace with a rate-capped link (root; see docs/RAY.md)")
+    parser.add_argument("--node-link", default=None,
+                        help="with --hosts netns: cap each node's link, both ways (e.g. 1Gbit)")
+    parser.add_argument("--on-bed", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.on_bed:
+        return _drive_on_bed(args.on_bed)
+    if args.node_link and args.hosts != "netns":
+        raise ConfigError("--node-link needs --hosts netns (simulated nodes share one link)")
+
+    from warmstart.loader.config import parse_size
+    from warmstart.testing.checkpoints import make_checkpoint
+
+    size = parse_size(args.size, "--size")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="ws-ray-bench-") as tmp:
+        folder = make_checkpoint(Path(tmp) / "ckpt", size, shards=2)
+        ckpt_bytes = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+        if args.hosts == "netns":
+            rows = _bed_rows(args, size, folder, ckpt_bytes)
+        else:
+            rows = _simulated_rows(args, size, folder, tmp, ckpt_bytes)
     summary = []
     for n in args.nodes:
         for method in ALL_METHODS:
@@ -159,8 +285,10 @@ def main(argv=None) -> None:
     result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "command": "python -m warmstart.ray_serve.bench "
                          + " ".join(sys.argv[1:] if argv is None else argv),
-              "checkpoint_bytes": ckpt_bytes, "s3_bandwidth": args.s3_bandwidth, "machine": f"{os.cpu_count()} CPUs, "
-              f"{platform.machine()}", "rows": rows, "summary": summary}
+              "checkpoint_bytes": ckpt_bytes, "s3_bandwidth": args.s3_bandwidth,
+              "hosts": args.hosts, "node_link": args.node_link,
+              "machine": f"{os.cpu_count()} CPUs, {platform.machine()}", "rows": rows,
+              "summary": summary}
     (out / "ray_serve_bench.json").write_text(json.dumps(result, indent=2))
     print(f"\ncheckpoint {ckpt_bytes / 1e9:.2f} GB, median of {args.runs} runs\n")
     print("| nodes = replicas | method | serve.run to first answer (s) | vs download | "
