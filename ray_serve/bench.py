@@ -291,13 +291,15 @@ def main(argv=None) -> None:
               "summary": summary}
     (out / "ray_serve_bench.json").write_text(json.dumps(result, indent=2))
     print(f"\ncheckpoint {ckpt_bytes / 1e9:.2f} GB, median of {args.runs} runs\n")
-    print("| nodes = replicas | method | serve.run to first answer (s) | vs download | "
+    print("| nodes = replicas | method | serve.run to first answer, s (runs) | vs download | "
           "S3 bytes / checkpoint |")
     print("|---|---|---|---|---|")
     for s in summary:
         base = next(b["median_seconds"] for b in summary
                     if b["nodes"] == s["nodes"] and b["method"] == "download")
-        print(f"| {s['nodes']} | {s['method']} | {s['median_seconds']:.2f} | "
+        runs = ", ".join(f"{r['seconds']:.1f}" for r in rows
+                         if r["nodes"] == s["nodes"] and r["method"] == s["method"])
+        print(f"| {s['nodes']} | {s['method']} | {s['median_seconds']:.2f} ({runs}) | "
               f"{s['median_seconds'] / base:.2f}x | {s['median_s3_ratio']:.2f}x |")
 
 

@@ -85,8 +85,14 @@ def test_replicas_on_three_hosts_read_object_storage_once(bed):
         assert all(n >= size for n in out[mode]["received"].values()), out[mode]
     assert out["off"]["s3_sent"] >= 3 * size            # the baseline: once per host
     shared = out["cluster"]
-    assert size <= shared["s3_sent"] <= 1.1 * size, shared  # link bytes: headers included
-    assert all(s["peer_bytes"] > 0 for s in shared["stats"]), shared["stats"]
+    brief = [{k: s.get(k) for k in ("s3_bytes", "peer_bytes", "peer_failures")}
+             for s in shared["stats"]]
+    # about once (as test_cluster.py): a peer slower than peer_timeout on a busy machine
+    # makes the asking node read that piece itself; link bytes include headers (< 1%)
+    assert size <= shared["s3_sent"] <= 1.2 * size, (shared["s3_sent"] / size, brief)
+    assert all(s["peer_bytes"] > 0 for s in shared["stats"]), brief
+    print(f"3 hosts: storage link sent {out['off']['s3_sent'] / size:.2f}x the checkpoint "
+          f"unshared, {shared['s3_sent'] / size:.2f}x shared; per node {brief}")
 
 
 def test_a_host_leaving_mid_load(bed):

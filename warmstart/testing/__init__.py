@@ -7,6 +7,8 @@ imported by the runtime (loader, storage, imageformat, vllm_plugin, the Ray gate
   faultsources  the same as wrappers around any `Source` (failing ranges, short reads,
                 throttle, latency)
   checkpoints   generated safetensors checkpoints
+  netns         a multi-host test bed: hosts as network namespaces with rate-capped links,
+                an S3 server and Ray (`ray start`) on them
 
 Only the benchmark tools (`warmstart.benchmarks`, `warmstart.ray_serve.bench`) import it, and
 tests/objstore/test_layer.py checks that nothing else does.

@@ -139,7 +139,7 @@ class TestBed:
 
     __test__ = False
 
-    def __init__(self, workdir: str | os.PathLike | None = None, *, watchdog: bool = True,
+    def __init__(self, parent: str | os.PathLike = "/tmp", *, watchdog: bool = True,
                  _state: dict | None = None) -> None:
         self._owned = _state is None
         if _state is None:
@@ -147,8 +147,9 @@ class TestBed:
             if reason:
                 raise TestBedError(f"cannot build a test bed here: {reason}")
             self.name = f"wsb{os.getpid():x}{secrets.token_hex(2)}"
-            # short: Ray's Unix socket paths live under the hosts' temp dirs (108-byte limit)
-            self.workdir = Path(workdir or tempfile.mkdtemp(prefix=f"{self.name}-", dir="/tmp"))
+            # the bed's own folder (deleted with it), in a short `parent`: Ray's Unix socket
+            # paths live under the hosts' temp dirs, and may not pass 107 bytes
+            self.workdir = Path(tempfile.mkdtemp(prefix=f"{self.name}-", dir=parent))
             self.hosts: dict[str, Host] = {}
             self.switch = f"{self.name}-sw"
             self._closed = False
