@@ -152,3 +152,10 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_the_ray_bench_caps_node_links_only_on_the_bed():
+    from warmstart.ray_serve.bench import main
+
+    with pytest.raises(ConfigError, match="--node-link needs --hosts netns"):
+        main(["--node-link", "1Gbit", "--nodes", "1"])

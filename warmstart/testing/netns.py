@@ -257,8 +257,19 @@ class TestBed:
         return ["ip", "netns", "exec", host.netns, *argv]
 
     def popen(self, host: Host, argv: Sequence[str], **kw) -> subprocess.Popen:
-        """Starts `argv` on `host` (`ip netns exec` execs it: the child's pid is argv's)."""
-        return subprocess.Popen(self.command(host, argv), **kw)
+        """Starts `argv` on `host` (`ip netns exec` execs it: the child's pid is argv's);
+        returns once the child is in the host's namespace (so `pids` and `stop` see it)."""
+        proc = subprocess.Popen(self.command(host, argv), **kw)
+        want = os.stat(f"/run/netns/{host.netns}").st_ino
+        deadline = time.monotonic() + 30
+        while proc.poll() is None and time.monotonic() < deadline:
+            try:
+                if os.stat(f"/proc/{proc.pid}/ns/net").st_ino == want:
+                    break
+            except FileNotFoundError:
+                pass
+            time.sleep(0.002)
+        return proc
 
     def exec(self, host: Host, argv: Sequence[str], **kw) -> subprocess.CompletedProcess:
         """Runs `argv` on `host` and waits; raises TestBedError naming the host on failure."""
