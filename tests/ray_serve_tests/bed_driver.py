@@ -1,7 +1,7 @@
 """The Ray driver of test_bed.py, run on the bed's head host (`ip netns exec`): a Ray driver
 must run on a node of its cluster, and the bed's nodes are reachable only from its hosts.
 
-  python bed_driver.py BED_JSON SCENARIO PARAMS_JSON     -> one JSON line on stdout
+  python bed_driver.py BED_JSON SCENARIO PARAMS_JSON OUT_JSON
 
 Scenarios (PARAMS: "hosts": roles with a replica each, "sharing": the options, "size": the
 checkpoint's bytes):
@@ -64,7 +64,7 @@ def main(bed_json: str, scenario: str, params: dict) -> dict:
 
     bed = TestBed.attach(bed_json)
     head = bed.hosts[params["head"]]
-    ray.init(address=f"{head.address}:6379", logging_level="warning",
+    ray.init(address=f"{head.address}:6379", logging_level="warning", log_to_driver=False,
              runtime_env={"env_vars": params["env"]})
     deadline = time.monotonic() + 240
     hosts = [bed.hosts[r] for r in params["hosts"]]
@@ -120,4 +120,5 @@ def main(bed_json: str, scenario: str, params: dict) -> dict:
 
 if __name__ == "__main__":
     result = main(sys.argv[1], sys.argv[2], json.loads(sys.argv[3]))
-    print(json.dumps(result), flush=True)
+    with open(sys.argv[4], "w") as f:
+        json.dump(result, f)

@@ -52,13 +52,13 @@ def bed(tmp_path_factory):
 
 def _drive(b, env, scenario: str, **params) -> dict:
     params = {"head": "n0", "env": env, "sharing": SHARING, **params}
-    state = b.workdir / "bed.json"
+    state, out = b.workdir / "bed.json", b.workdir / f"{scenario}.json"
     proc = subprocess.run(
         b.command(b.hosts["n0"], [sys.executable, str(HERE / "bed_driver.py"), str(state),
-                                   scenario, json.dumps(params)]),
+                                   scenario, json.dumps(params), str(out)]),
         capture_output=True, text=True, timeout=600, env={**_env(b), "PYTHONPATH": str(HERE)})
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(out.read_text())
 
 
 def _env(b) -> dict:
