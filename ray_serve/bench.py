@@ -120,6 +120,7 @@ def _simulated_rows(args, size: int, folder: Path, tmp: str, ckpt_bytes: int) ->
     with running_server("localbucket", os.path.join(tmp, "s3")) as server:
         server.create_bucket(BUCKET)
         server.upload_tree(folder, BUCKET, "ckpt")
+        shutil.rmtree(folder)
         uri = f"s3://{BUCKET}/ckpt/"
         with FaultProxy(server.endpoint) as proxy:
             if args.s3_bandwidth:
@@ -169,6 +170,7 @@ def _bed_rows(args, size: int, folder: Path, ckpt_bytes: int) -> list[dict]:
         try:
             bed.call(storage, server.create_bucket, BUCKET)
             bed.call(storage, server.upload_tree, folder, BUCKET, "ckpt")  # its loopback
+            shutil.rmtree(folder)
             for n in args.nodes:
                 address = start_ray(bed, head, head=True, object_store_memory=256 << 20)
                 for host in nodes[:n]:
