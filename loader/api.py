@@ -22,7 +22,8 @@ from warmstart.loader.copy import CudaCopyEngine, HostCopyEngine
 from warmstart.loader.header import DTYPES
 from warmstart.loader.mapped import mappable, stream_mapped
 from warmstart.loader.memory import DeviceMemory, HostRing, TorchCudaMemory, host_tensor
-from warmstart.loader.pipeline import Destination, execute, settle
+from warmstart.loader.native_loop import choose_execute
+from warmstart.loader.pipeline import Destination, settle
 from warmstart.loader.plan import direct_readable, plan_reads
 from warmstart.storage.progress import Counter, Progress
 
@@ -154,13 +155,15 @@ async def astream(uri: str, device: str | torch.device = "cpu", *,
         window = asyncio.Semaphore(_groups_ahead) if _groups_ahead else None
         total = plan.read_bytes
         on_progress = Counter(total, progress).add
+        sources = [f.source for f in ckpt.files]
 
         async def drive() -> None:
             try:
-                await execute(plan, [f.source for f in ckpt.files], dest,
-                              concurrency=concurrency, ring=ring, engine=engine,
-                              on_tensor=ready.put_nowait, on_progress=on_progress,
-                              before_group=window.acquire if window else None)
+                run = choose_execute(sources, engine)  # GPU + local files: the native loop
+                await run(plan, sources, dest,
+                          concurrency=concurrency, ring=ring, engine=engine,
+                          on_tensor=ready.put_nowait, on_progress=on_progress,
+                          before_group=window.acquire if window else None)
             except BaseException as exc:  # noqa: BLE001 - handed to the consumer
                 ready.put_nowait(exc)
             else:
