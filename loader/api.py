@@ -19,9 +19,11 @@ from warmstart.loader import sync
 from warmstart.loader.checkpoint import SourceWrapper, open_checkpoint
 from warmstart.loader.config import LoaderConfig
 from warmstart.loader.copy import CudaCopyEngine, HostCopyEngine
+from warmstart.loader.gpu_defaults import HostFacts, gpu_defaults
 from warmstart.loader.header import DTYPES
 from warmstart.loader.mapped import mappable, stream_mapped
-from warmstart.loader.memory import DeviceMemory, HostRing, TorchCudaMemory, host_tensor
+from warmstart.loader.memory import (PINNED, DeviceMemory, HostRing, TorchCudaMemory,
+                                     host_tensor)
 from warmstart.loader.native_loop import choose_execute
 from warmstart.loader.pipeline import Destination, settle
 from warmstart.loader.plan import direct_readable, plan_reads
@@ -123,16 +125,20 @@ async def astream(uri: str, device: str | torch.device = "cpu", *,
         # Reads widen to whole alignment units (O_DIRECT pages, verify's blocks): chunks
         # smaller than a unit would read each unit many times over.
         unit = max(aligns, default=1)
-        chunk_size = -(-cfg.chunk_size // unit) * unit
+        backend = ckpt.files[0].source.backend if ckpt.files else "local"
+        # GPU loads of local files: readers, chunk size and ring slots from the host model
+        tuned = (gpu_defaults(HostFacts.here(PINNED.idle_bytes()), cfg, unit=unit)
+                 if cuda is not None and backend == "local" else None)
+        chunk_size = tuned.chunk_size if tuned else -(-cfg.chunk_size // unit) * unit
         plan = plan_reads(headers, names, chunk_size=chunk_size,
                           group_size=max(cfg.group_size, chunk_size), gap_size=cfg.gap_size,
                           read_align=None if staged else aligns)
-        backend = ckpt.files[0].source.backend if ckpt.files else "local"
-        concurrency = cfg.read_concurrency(backend)
+        concurrency = tuned.readers if tuned else cfg.read_concurrency(backend)
         ring = engine = None
         # a slot holds a chunk widened to its source's alignment on both ends
         slot_bytes = chunk_size + 2 * max(4096, unit)
-        slots = max(2, min(cfg.memory_budget // slot_bytes, len(plan.chunks)))
+        slots = max(2, min(tuned.slots if tuned else cfg.memory_budget // slot_bytes,
+                           len(plan.chunks)))
         if cuda is not None:
             # The runtime loads (and the ring is pinned, with its device current) on the
             # engine's threads, before the first slot exists.

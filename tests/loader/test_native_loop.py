@@ -233,3 +233,19 @@ def test_only_local_files_take_the_native_loop(dbl, mem, many):
     assert_same(got, oracle(many))
     assert native_loop.total_stats().get("chunks_read", 0) == before  # the Python path
     assert native_loop.choose_execute([], object()) is execute
+
+
+def test_a_gpu_load_with_default_settings_takes_the_models_choice(dbl, mem, many):
+    from warmstart.loader.gpu_defaults import HostFacts, gpu_defaults
+
+    PINNED.release()
+    cfg = cfg_for(dbl, LoaderConfig(mmap=False, memory_budget=8 << 20))
+    want = gpu_defaults(HostFacts.here(PINNED.idle_bytes()), cfg)
+    assert_same(load(str(many), "cuda:1", config=cfg, _device_memory=mem), oracle(many))
+    stats = native_loop.last_stats()
+    assert stats["readers"] == want.readers
+    data = sum(f.stat().st_size for f in many.glob("*.safetensors"))
+    assert stats["slots"] == min(want.slots, stats["chunks_done"]) and stats["chunks_done"] >= \
+        data // want.chunk_size
+    assert dbl.stat("pinned_bytes") == stats["slots"] * want.slot_bytes
+    PINNED.release()
