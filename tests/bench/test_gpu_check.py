@@ -30,10 +30,13 @@ def test_summary_joins_the_parts(tmp_path):
     (tmp_path / "checks.json").write_text(json.dumps({"ok": True, "checks": {}}))
     (tmp_path / "ceiling.json").write_text(json.dumps({"pinned_h2d_gbps": 50.0}))
     rows = [{"kind": "safetensors", "gbps": g} for g in (4.0, 5.0, 6.0)] + \
-           [{"kind": "warmstart", "gbps": g} for g in (40.0, 45.0, 44.0)]
+           [{"kind": "warmstart", "gbps": g} for g in (40.0, 45.0, 44.0)] + \
+           [{"kind": "warmstart-python", "gbps": g} for g in (20.0, 22.0, 11.0)]
     (tmp_path / "timed.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     out = gpu_check.summary(str(tmp_path))
-    assert out["median_gbps"] == {"safetensors": 5.0, "warmstart": 44.0}
+    assert out["median_gbps"] == {"safetensors": 5.0, "warmstart": 44.0,
+                                  "warmstart-python": 20.0}
+    assert out["native_loop_vs_python_path"] == 44.0 / 20.0
     assert out["warmstart_vs_safetensors"] == 44.0 / 5.0
     assert out["warmstart_vs_ceiling"] == 44.0 / 50.0
     assert out["first_load"] == {"ring_pinned": True}

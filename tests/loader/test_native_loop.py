@@ -215,24 +215,18 @@ def test_read_failures_are_reported_per_job(dbl, tmp_path):
 
 
 def test_only_local_files_take_the_native_loop(dbl, mem, many):
-    from warmstart.loader.sources.base import Source
-
-    class Wrapped(Source):
-        def __init__(self, inner):
-            self.inner, self.name, self.alignment = inner, inner.name, inner.alignment
-
-        async def size(self):
-            return await self.inner.size()
-
-        async def read_into(self, offset, target):
-            await self.inner.read_into(offset, target)
+    """A wrapped source (here benchmarks/gpu_check's pass-through, which times the Python
+    staged path on the GPU machine) goes through pipeline.execute, as S3 does."""
+    from warmstart.benchmarks.gpu_check import _Passthrough
 
     before = native_loop.total_stats().get("chunks_read", 0)
     got = load(str(many), "cuda:1", config=cfg_for(dbl), _device_memory=mem,
-               wrap_source=Wrapped)
+               wrap_source=_Passthrough)
     assert_same(got, oracle(many))
     assert native_loop.total_stats().get("chunks_read", 0) == before  # the Python path
+    assert dbl.stat("pageable") == 0 and dbl.stat("done") == dbl.stat("enqueued") > 0
     assert native_loop.choose_execute([], object()) is execute
+    no_hazards(dbl)
 
 
 def test_a_gpu_load_with_default_settings_takes_the_models_choice(dbl, mem, many):
