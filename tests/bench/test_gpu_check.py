@@ -58,3 +58,18 @@ def test_first_call_benchmark_runs_and_summarizes(tmp_path):
     assert out["warmstart"]["seconds"] == statistics.median(
         [rows[1]["seconds"], rows[1]["seconds"] * 3])
     assert out["warmstart_vs_safetensors"] > 0
+
+
+def test_loop_cpu_benchmark_runs_both_paths_on_the_double(capsys):
+    """benchmarks/loop_cpu.py (event-loop CPU per chunk on the CUDA double), tiny: both
+    paths ran the same chunks in fresh processes; the figures are its run's, not asserted."""
+    from warmstart.benchmarks import loop_cpu
+
+    assert loop_cpu.main(["--size", "4MiB", "--chunks", "64KiB,1MiB", "--runs", "1"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert "not a GPU" in out["measured_on"]
+    for kind in ("python", "native"):
+        chunks = out["medians"][kind]["chunks"]
+        assert chunks[str(64 << 10)] > chunks[str(1 << 20)] > 0
+    native = [r for r in out["runs"] if r["kind"] == "native"]
+    assert all(0 < r["wakeups"] <= r["tensors"] for r in native)
