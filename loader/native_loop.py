@@ -201,9 +201,12 @@ async def execute_native(plan: ReadPlan, files: list[NativeFile], dest: Destinat
                 for t in plan.groups[group].tensors:
                     if plan.tensors[t].chunks == 0:  # empty tensors carry no bytes
                         on_tensor(t)
-                batch = []
+                batch, skipped = [], 0
                 base = buf.data_ptr()
                 for c in by_group.get(group, ()):
+                    if not c.tensors:  # read-through bytes between wanted tensors only
+                        skipped += c.length
+                        continue
                     a = files[c.file].source.alignment
                     start = _align_down(c.offset, a)
                     end = -(-(c.offset + c.length) // a) * a
@@ -213,6 +216,8 @@ async def execute_native(plan: ReadPlan, files: list[NativeFile], dest: Destinat
                     batch.append(job)
                 if batch:
                     loop.submit(batch)
+                if skipped and on_progress is not None:
+                    on_progress(skipped)
         except BaseException:
             loop.cancel()  # wakes the collector, which then raises what happened here
             raise

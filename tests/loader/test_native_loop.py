@@ -243,3 +243,22 @@ def test_a_gpu_load_with_default_settings_takes_the_models_choice(dbl, mem, many
         data // want.chunk_size
     assert dbl.stat("pinned_bytes") == stats["slots"] * want.slot_bytes
     PINNED.release()
+
+
+def test_a_names_filter_skips_chunks_that_carry_only_read_through_gaps(dbl, mem, tmp_path):
+    """With `names`, unwanted bytes up to `gap_size` are read through; a chunk holding only
+    such bytes is not read at all, and progress still reaches the total."""
+    gen = torch.Generator().manual_seed(4)
+    tensors = {f"t{i}": random_tensor(torch.uint8, (300 << 10,), gen) for i in range(6)}
+    path = tmp_path / "gaps.safetensors"
+    save_file(tensors, str(path))
+    wanted = ["t0", "t2", "t5"]
+    seen = []
+    cfg = cfg_for(dbl, gap_size=4 << 20)  # t1, t3, t4 are read through, in 64 KiB chunks
+    got = load(str(path), "cuda:1", names=wanted, config=cfg, _device_memory=mem,
+               progress=lambda done, total: seen.append((done, total)))
+    assert_same(got, {k: tensors[k] for k in wanted})
+    stats = native_loop.last_stats()
+    # 3 x 300 KiB wanted: at most 5 chunks each (4 whole, 2 cut by its ends); none for gaps
+    assert stats["chunks_read"] <= 3 * 6 < 6 * (300 << 10) // (64 << 10)
+    assert seen and seen[-1][0] == seen[-1][1] > 0
