@@ -328,6 +328,7 @@ def test_failures_are_clean_and_the_next_load_works(dbl, mem, ckpt):
     it = stream(str(path), "cuda:1", config=cfg, _device_memory=mem)
     next(it)
     it.close()  # break out of stream()
+    assert native_loop.last_stats()["slots_in_use"] == 0
     assert_same(load(str(path), "cuda:1", config=cfg, _device_memory=mem), oracle(path))
     assert dbl.stat("done") == dbl.stat("enqueued")
     no_hazards(dbl)
