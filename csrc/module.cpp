@@ -8,8 +8,7 @@
 #include <vector>
 
 #include "chunker.h"
-#include "copy_loop.h"
-#include "crc32.h"
+#include "loop_binding.h"
 #include "cuda_rt.h"
 #include "hostio.h"
 
@@ -220,186 +219,6 @@ PyObject* py_gear_table(PyObject*, PyObject*) {
   return list;
 }
 
-// ---- the native copy loop (copy_loop.h): a capsule owning one CopyLoop -----------------
-
-constexpr const char* kLoopCapsule = "warmstart.CopyLoop";
-
-void drop_loop(PyObject* capsule) {
-  auto* loop = static_cast<CopyLoop*>(PyCapsule_GetPointer(capsule, kLoopCapsule));
-  if (loop == nullptr) return;
-  Py_BEGIN_ALLOW_THREADS delete loop;  // closes it: joins threads that never take the GIL
-  Py_END_ALLOW_THREADS
-}
-
-CopyLoop* loop_of(PyObject* capsule) {
-  return static_cast<CopyLoop*>(PyCapsule_GetPointer(capsule, kLoopCapsule));
-}
-
-// A sequence of ints -> vector<T>; false with a Python error set otherwise.
-template <typename T>
-bool ints(PyObject* obj, std::vector<T>* out) {
-  PyObject* seq = PySequence_Fast(obj, "expected a sequence of int");
-  if (seq == nullptr) return false;
-  const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
-  out->reserve(static_cast<size_t>(n));
-  for (Py_ssize_t i = 0; i < n; ++i) {
-    unsigned long long v = PyLong_AsUnsignedLongLong(PySequence_Fast_GET_ITEM(seq, i));
-    if (PyErr_Occurred()) {
-      Py_DECREF(seq);
-      return false;
-    }
-    out->push_back(static_cast<T>(v));
-  }
-  Py_DECREF(seq);
-  return true;
-}
-
-PyObject* py_loop_new(PyObject*, PyObject* args) {
-  int device;
-  unsigned long long stream, ring;
-  unsigned int slots, readers;
-  unsigned long long slot_bytes;
-  PyObject *file_list, *chunk_list;
-  if (!PyArg_ParseTuple(args, "iKKIKIOO", &device, &stream, &ring, &slots, &slot_bytes,
-                        &readers, &file_list, &chunk_list))
-    return nullptr;
-  std::vector<LoopFile> files;
-  PyObject* seq = PySequence_Fast(file_list, "files: a list of (fd, direct_fd, size, block, sums)");
-  if (seq == nullptr) return nullptr;
-  for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(seq); ++i) {
-    LoopFile f;
-    PyObject* sums;
-    unsigned long long size, block;
-    if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "iiKKO", &f.fd, &f.direct_fd, &size,
-                          &block, &sums) ||
-        !ints(sums, &f.sums)) {
-      Py_DECREF(seq);
-      return nullptr;
-    }
-    f.size = size;
-    f.block = block;
-    files.push_back(std::move(f));
-  }
-  Py_DECREF(seq);
-  std::vector<uint32_t> tensor_chunks;
-  if (!ints(chunk_list, &tensor_chunks)) return nullptr;
-  auto* loop = new CopyLoop(device, stream, static_cast<char*>(as_ptr(ring)), slots, slot_bytes,
-                            readers, std::move(files), std::move(tensor_chunks));
-  int err;
-  Py_BEGIN_ALLOW_THREADS err = loop->start();
-  Py_END_ALLOW_THREADS if (err != 0) {
-    Py_BEGIN_ALLOW_THREADS delete loop;
-    Py_END_ALLOW_THREADS return Py_BuildValue("(iO)", err, Py_None);
-  }
-  PyObject* capsule = PyCapsule_New(loop, kLoopCapsule, drop_loop);
-  if (capsule == nullptr) {
-    delete loop;
-    return nullptr;
-  }
-  PyObject* out = Py_BuildValue("(iO)", 0, capsule);
-  Py_DECREF(capsule);
-  return out;
-}
-
-PyObject* py_loop_submit(PyObject*, PyObject* args) {
-  PyObject *capsule, *job_list;
-  if (!PyArg_ParseTuple(args, "OO", &capsule, &job_list)) return nullptr;
-  CopyLoop* loop = loop_of(capsule);
-  if (loop == nullptr) return nullptr;
-  PyObject* seq = PySequence_Fast(job_list, "jobs: a list of tuples");
-  if (seq == nullptr) return nullptr;
-  std::vector<LoopJob> jobs(static_cast<size_t>(PySequence_Fast_GET_SIZE(seq)));
-  for (size_t i = 0; i < jobs.size(); ++i) {
-    LoopJob& j = jobs[i];
-    unsigned long long id, offset, length, skip, copy_len, dst;
-    unsigned int file;
-    PyObject* tensors;
-    if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, static_cast<Py_ssize_t>(i)), "KIKKKKKO",
-                          &id, &file, &offset, &length, &skip, &copy_len, &dst, &tensors) ||
-        !ints(tensors, &j.tensors)) {
-      Py_DECREF(seq);
-      return nullptr;
-    }
-    j.id = id, j.file = file, j.offset = offset, j.length = length, j.skip = skip;
-    j.copy_len = copy_len, j.dst = dst;
-  }
-  Py_DECREF(seq);
-  Py_BEGIN_ALLOW_THREADS loop->submit(std::move(jobs));
-  Py_END_ALLOW_THREADS Py_RETURN_NONE;
-}
-
-PyObject* py_loop_wait(PyObject*, PyObject* args) {
-  PyObject* capsule;
-  double timeout;
-  if (!PyArg_ParseTuple(args, "Od", &capsule, &timeout)) return nullptr;
-  CopyLoop* loop = loop_of(capsule);
-  if (loop == nullptr) return nullptr;
-  LoopBatch batch;
-  Py_BEGIN_ALLOW_THREADS batch = loop->wait(timeout);
-  Py_END_ALLOW_THREADS PyObject* tensors = PyList_New(static_cast<Py_ssize_t>(batch.tensors.size()));
-  PyObject* failures = PyList_New(static_cast<Py_ssize_t>(batch.failures.size()));
-  if (tensors == nullptr || failures == nullptr) {
-    Py_XDECREF(tensors);
-    Py_XDECREF(failures);
-    return nullptr;
-  }
-  for (size_t i = 0; i < batch.tensors.size(); ++i)
-    PyList_SET_ITEM(tensors, static_cast<Py_ssize_t>(i), PyLong_FromUnsignedLong(batch.tensors[i]));
-  for (size_t i = 0; i < batch.failures.size(); ++i) {
-    const LoopFailure& f = batch.failures[i];
-    PyList_SET_ITEM(failures, static_cast<Py_ssize_t>(i),
-                    Py_BuildValue("(KiLKK)", static_cast<unsigned long long>(f.job), f.status,
-                                  static_cast<long long>(f.code),
-                                  static_cast<unsigned long long>(f.a),
-                                  static_cast<unsigned long long>(f.b)));
-  }
-  return Py_BuildValue("(NKNO)", tensors, static_cast<unsigned long long>(batch.bytes), failures,
-                       batch.cancelled ? Py_True : Py_False);
-}
-
-PyObject* py_loop_cancel(PyObject*, PyObject* args) {
-  PyObject* capsule;
-  if (!PyArg_ParseTuple(args, "O", &capsule)) return nullptr;
-  CopyLoop* loop = loop_of(capsule);
-  if (loop == nullptr) return nullptr;
-  Py_BEGIN_ALLOW_THREADS loop->cancel();
-  Py_END_ALLOW_THREADS Py_RETURN_NONE;
-}
-
-PyObject* py_loop_close(PyObject*, PyObject* args) {
-  PyObject* capsule;
-  if (!PyArg_ParseTuple(args, "O", &capsule)) return nullptr;
-  CopyLoop* loop = loop_of(capsule);
-  if (loop == nullptr) return nullptr;
-  Py_BEGIN_ALLOW_THREADS loop->close();
-  Py_END_ALLOW_THREADS Py_RETURN_NONE;
-}
-
-PyObject* py_loop_stats(PyObject*, PyObject* args) {
-  PyObject* capsule;
-  if (!PyArg_ParseTuple(args, "O", &capsule)) return nullptr;
-  CopyLoop* loop = loop_of(capsule);
-  if (loop == nullptr) return nullptr;
-  LoopStats s = loop->stats();
-  return Py_BuildValue(
-      "{sKsKsKsKsKsKsKsIsIsIsI}", "chunks_read", (unsigned long long)s.chunks_read, "copies",
-      (unsigned long long)s.copies, "chunks_done", (unsigned long long)s.chunks_done, "wakeups",
-      (unsigned long long)s.wakeups, "bytes", (unsigned long long)s.bytes, "direct_reads",
-      (unsigned long long)s.direct_reads, "blocks_checked", (unsigned long long)s.blocks_checked,
-      "slots", s.slots, "slots_in_use", s.slots_in_use, "max_slots_in_use", s.max_slots_in_use,
-      "readers", s.readers);
-}
-
-PyObject* py_crc32(PyObject*, PyObject* args) {
-  Py_buffer buf;
-  unsigned int start = 0;
-  if (!PyArg_ParseTuple(args, "y*|I", &buf, &start)) return nullptr;
-  uint32_t c;
-  Py_BEGIN_ALLOW_THREADS c = crc32(buf.buf, static_cast<size_t>(buf.len), start);
-  Py_END_ALLOW_THREADS PyBuffer_Release(&buf);
-  return PyLong_FromUnsignedLong(c);
-}
-
 PyMethodDef methods[] = {
     {"pread_into", py_pread_into, METH_VARARGS,
      "pread_into(fd, offset, addr, length) -> bytes read (short at EOF) or -errno"},
@@ -440,18 +259,18 @@ PyMethodDef methods[] = {
     {"fastcdc_cuts", py_fastcdc_cuts, METH_VARARGS,
      "fastcdc_cuts(buffer, min, avg, max, final) -> list of chunk lengths"},
     {"gear_table", py_gear_table, METH_NOARGS, "the chunker's 256 gear values"},
-    {"loop_new", py_loop_new, METH_VARARGS,
+    {"loop_new", binding::py_loop_new, METH_VARARGS,
      "loop_new(device, stream, ring, slots, slot_bytes, readers, files, tensor_chunks) -> "
      "(cudaError_t, loop or None); files: (fd, direct_fd, size, block, sums)"},
-    {"loop_submit", py_loop_submit, METH_VARARGS,
+    {"loop_submit", binding::py_loop_submit, METH_VARARGS,
      "loop_submit(loop, [(id, file, offset, length, skip, copy_len, dst, tensors)])"},
-    {"loop_wait", py_loop_wait, METH_VARARGS,
+    {"loop_wait", binding::py_loop_wait, METH_VARARGS,
      "loop_wait(loop, timeout) -> (whole tensors, bytes, failures, cancelled); blocks"},
-    {"loop_cancel", py_loop_cancel, METH_VARARGS, "loop_cancel(loop): stop taking jobs"},
-    {"loop_close", py_loop_close, METH_VARARGS,
+    {"loop_cancel", binding::py_loop_cancel, METH_VARARGS, "loop_cancel(loop): stop taking jobs"},
+    {"loop_close", binding::py_loop_close, METH_VARARGS,
      "loop_close(loop): cancel, join, wait until no copy reads the ring"},
-    {"loop_stats", py_loop_stats, METH_VARARGS, "loop_stats(loop) -> dict of counters"},
-    {"crc32", py_crc32, METH_VARARGS, "crc32(buffer, start=0) -> zlib-compatible CRC-32"},
+    {"loop_stats", binding::py_loop_stats, METH_VARARGS, "loop_stats(loop) -> dict of counters"},
+    {"crc32", binding::py_crc32, METH_VARARGS, "crc32(buffer, start=0) -> zlib-compatible CRC-32"},
     {nullptr, nullptr, 0, nullptr},
 };
 
