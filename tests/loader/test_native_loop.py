@@ -262,3 +262,41 @@ def test_a_names_filter_skips_chunks_that_carry_only_read_through_gaps(dbl, mem,
     # 3 x 300 KiB wanted: at most 5 chunks each (4 whole, 2 cut by its ends); none for gaps
     assert stats["chunks_read"] <= 3 * 6 < 6 * (300 << 10) // (64 << 10)
     assert seen and seen[-1][0] == seen[-1][1] > 0
+
+
+def test_the_native_loop_has_no_data_races_under_threadsanitizer(tmp_path):
+    """csrc/copy_loop.cpp with ThreadSanitizer, driven from C++ (tests/cuda_double/
+    copy_loop_race.cpp) against the double, also built with it: loads to the end and loads
+    cancelled mid-way, 20 rounds; any data race is a TSAN report and a failed run."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    cxx, cc = shutil.which("g++"), shutil.which("gcc")
+    if cxx is None or cc is None:
+        pytest.skip("no gcc/g++ to build the ThreadSanitizer run")
+    double = tmp_path / "libcudart_double_tsan.so"
+    race = tmp_path / "copy_loop_race"
+    tsan = ["-fsanitize=thread", "-O1", "-g"]
+    built = subprocess.run([cc, "-shared", "-fPIC", *tsan, "-o", str(double),
+                            str(repo / "tests/cuda_double/cudart_double.c"), "-lpthread"],
+                           capture_output=True, text=True)
+    if built.returncode == 0:
+        built = subprocess.run(
+            [cxx, "-std=c++17", *tsan, f"-I{repo / 'csrc'}", "-o", str(race),
+             str(repo / "tests/cuda_double/copy_loop_race.cpp"),
+             *(str(repo / "csrc" / f) for f in ("copy_loop.cpp", "cuda_rt.cpp", "hostio.cpp",
+                                                "crc32.cpp")), "-ldl", "-lpthread"],
+            capture_output=True, text=True)
+    if built.returncode != 0 and "tsan" in built.stderr.lower():
+        pytest.skip(f"this compiler cannot build with ThreadSanitizer: {built.stderr[-300:]}")
+    assert built.returncode == 0, built.stderr[-3000:]
+    data = tmp_path / "data.bin"
+    data.write_bytes(os.urandom(37 * (64 << 10)))
+    ran = subprocess.run([str(race), str(double), str(data), "20"], capture_output=True,
+                         text=True, timeout=600)
+    if "FATAL: ThreadSanitizer" in ran.stderr:  # e.g. a kernel whose memory layout it rejects
+        pytest.skip(f"ThreadSanitizer cannot run here: {ran.stderr.strip()[:300]}")
+    assert "ThreadSanitizer" not in ran.stderr, ran.stderr[-4000:]
+    assert ran.returncode == 0 and ran.stdout.strip() == "ok 20", ran.stderr[-2000:]
