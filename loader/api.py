@@ -19,12 +19,10 @@ from warmstart.loader import sync
 from warmstart.loader.checkpoint import SourceWrapper, open_checkpoint
 from warmstart.loader.config import LoaderConfig
 from warmstart.loader.copy import CudaCopyEngine, HostCopyEngine
-from warmstart.loader.gpu_defaults import HostFacts, gpu_defaults
 from warmstart.loader.header import DTYPES
 from warmstart.loader.mapped import mappable, stream_mapped
-from warmstart.loader.memory import (PINNED, DeviceMemory, HostRing, TorchCudaMemory,
-                                     host_tensor)
-from warmstart.loader.native_loop import choose_execute
+from warmstart.loader.memory import DeviceMemory, HostRing, TorchCudaMemory, host_tensor
+from warmstart.loader.native_loop import choose_execute, native_defaults
 from warmstart.loader.pipeline import Destination, settle
 from warmstart.loader.plan import direct_readable, plan_reads
 from warmstart.storage.progress import Counter, Progress
@@ -126,9 +124,9 @@ async def astream(uri: str, device: str | torch.device = "cpu", *,
         # smaller than a unit would read each unit many times over.
         unit = max(aligns, default=1)
         backend = ckpt.files[0].source.backend if ckpt.files else "local"
+        sources = [f.source for f in ckpt.files]
         # GPU loads of local files: readers, chunk size and ring slots from the host model
-        tuned = (gpu_defaults(HostFacts.here(PINNED.idle_bytes()), cfg, unit=unit)
-                 if cuda is not None and backend == "local" else None)
+        tuned = native_defaults(sources, cfg, unit) if cuda is not None else None
         chunk_size = tuned.chunk_size if tuned else -(-cfg.chunk_size // unit) * unit
         plan = plan_reads(headers, names, chunk_size=chunk_size,
                           group_size=max(cfg.group_size, chunk_size), gap_size=cfg.gap_size,
@@ -161,7 +159,6 @@ async def astream(uri: str, device: str | torch.device = "cpu", *,
         window = asyncio.Semaphore(_groups_ahead) if _groups_ahead else None
         total = plan.read_bytes
         on_progress = Counter(total, progress).add
-        sources = [f.source for f in ckpt.files]
 
         async def drive() -> None:
             try:

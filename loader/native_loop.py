@@ -23,8 +23,10 @@ from typing import Awaitable, Callable, Sequence
 
 from warmstart import _native
 from warmstart.errors import CorruptRead, NativeError, SourceError, TruncatedFile
+from warmstart.loader.config import LoaderConfig
 from warmstart.loader.copy import CudaCopyEngine, cuda_error
-from warmstart.loader.memory import HostRing
+from warmstart.loader.gpu_defaults import GpuDefaults, HostFacts, gpu_defaults
+from warmstart.loader.memory import PINNED, HostRing
 from warmstart.loader.pipeline import Destination, execute, settle
 from warmstart.loader.plan import ReadPlan
 from warmstart.loader.sources.base import Source
@@ -79,6 +81,15 @@ def choose_execute(sources: Sequence[Source], engine: object) -> Callable[..., A
         await execute_native(plan, files, dest, **kwargs)
 
     return run
+
+
+def native_defaults(sources: Sequence[Source], config: LoaderConfig,
+                    unit: int) -> GpuDefaults | None:
+    """The host model's readers, chunk size and ring for a GPU load of `sources`, when they
+    go through the native loop (else None: the config's own defaults apply)."""
+    if native_files(sources) is None:
+        return None
+    return gpu_defaults(HostFacts.here(PINNED.idle_bytes()), config, unit=unit)
 
 
 def last_stats() -> dict[str, int]:
