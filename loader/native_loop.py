@@ -257,7 +257,9 @@ async def execute_native(plan: ReadPlan, files: list[NativeFile], dest: Destinat
                 if not isinstance(exc, CorruptRead):
                     raise exc
                 retry(job, exc)
-            if cancelled:
+            if cancelled:  # only the submitter stops the loop, as it fails
+                if not submitter.done():
+                    raise NativeError("the native copy loop stopped before the load ended")
                 break
         await submitter  # raises what stopped it; else done (trailing empty groups)
     finally:
