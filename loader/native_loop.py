@@ -117,9 +117,22 @@ class _Loop:
     @classmethod
     async def open(cls, engine: CudaCopyEngine, ring: HostRing, readers: int,
                    files: list[NativeFile], tensor_chunks: list[int]) -> "_Loop":
-        err, handle = await engine.call(
+        opening = asyncio.ensure_future(engine.call(
             _native.loop_new, engine.device, engine.stream, ring.addr, ring.slots,
-            ring.slot_bytes, readers, [f.spec() for f in files], tensor_chunks)
+            ring.slot_bytes, readers, [f.spec() for f in files], tensor_chunks))
+        try:
+            await settle(opening)
+        except asyncio.CancelledError:
+            # Cancelled while the engine's thread made the loop: close it there now. Dropped
+            # instead, it would close on whichever thread freed it last (setting that
+            # thread's device), perhaps after the engine destroyed the stream it syncs.
+            if not opening.cancelled() and opening.exception() is None:
+                err, handle = opening.result()
+                if err == 0:
+                    await settle(asyncio.ensure_future(engine.call(_native.loop_close,
+                                                                   handle)))
+            raise
+        err, handle = opening.result()
         if err != 0:
             raise NativeError(cuda_error(err, f"cudaEventCreate for the copy loop on "
                                               f"cuda:{engine.device}"))

@@ -306,3 +306,42 @@ def test_the_native_loop_has_no_data_races_under_threadsanitizer(tmp_path):
         pytest.skip(f"ThreadSanitizer cannot run here: {ran.stderr.strip()[:300]}")
     assert "ThreadSanitizer" not in ran.stderr, ran.stderr[-4000:]
     assert ran.returncode == 0 and ran.stdout.strip() == "ok 20", ran.stderr[-2000:]
+
+
+def test_a_loop_cancelled_while_it_opens_is_closed_on_the_engines_thread(dbl):
+    """Cancelled while the engine's thread is still making the loop: the loop made there is
+    closed there (its events destroyed) before the cancellation reaches the caller, never
+    left to whichever thread drops it later (that thread's device would change, and the
+    engine's stream may be gone by then)."""
+    import threading
+
+    me = threading.get_native_id()
+    both_busy = threading.Barrier(3)
+    gate = threading.Event()
+
+    def hold():  # keeps one of the engine's threads busy until the gate opens
+        both_busy.wait()
+        gate.wait()
+
+    async def main():
+        engine = await CudaCopyEngine(1, dbl.path).open()
+        ring = await engine.ring(4, 16384)
+        try:
+            held = [asyncio.ensure_future(engine.call(hold)) for _ in range(2)]
+            await asyncio.to_thread(both_busy.wait)  # loop_new now queues behind them
+            opening = asyncio.ensure_future(native_loop._Loop.open(engine, ring, 2, [], []))
+            await asyncio.sleep(0)  # it runs up to its wait for the engine's thread
+            opening.cancel()
+            gate.set()
+            with pytest.raises(asyncio.CancelledError):
+                await opening
+            await asyncio.gather(*held)
+            # before the engine closes: the loop's four events are gone already
+            return dbl.calls("cudaEventCreateWithFlags", 1), dbl.calls("cudaEventDestroy", 1)
+        finally:
+            ring.free()
+            await engine.aclose()
+
+    created, destroyed = asyncio.run(main())
+    assert created == destroyed == 4
+    assert dbl.thread_calls(me) == 0, "the caller's thread made CUDA calls"
