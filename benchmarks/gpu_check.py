@@ -196,27 +196,7 @@ def checks(ckpt: str) -> dict:
         from warmstart.loader import native_loop
 
         total = sum(os.path.getsize(p) for p in Path(ckpt).glob("*.safetensors"))
-
-        async def main():
-            started = asyncio.Event()
-            loop = asyncio.get_running_loop()
-
-            def progress(done, _total):
-                if done > total // 4:
-                    loop.call_soon_threadsafe(started.set)
-
-            task = asyncio.ensure_future(aload(ckpt, "cuda:0", progress=progress))
-            await started.wait()
-            task.cancel()
-            await asyncio.sleep(0)
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                return True
-            return False  # it finished first: nothing was cancelled
-
-        cancelled = asyncio.run(main())
+        cancelled = asyncio.run(cancel_at_a_quarter(ckpt, "cuda:0", total))
         stats = native_loop.last_stats()
         return (cancelled and stats["slots_in_use"] == 0 and stats["bytes"] < total and
                 _same(load(ckpt, "cuda:0"), ref))
@@ -231,6 +211,35 @@ def checks(ckpt: str) -> dict:
 
     run("break_stream_then_load", break_then_load)
     return {"checks": results, "ok": all(r["ok"] for r in results.values())}
+
+
+async def cancel_at_a_quarter(ckpt: str, device: str, total: int, **options) -> bool:
+    """`aload` cancelled once a quarter of `total` bytes has landed, and again while it waits
+    for its copies: True once it ended cancelled, False if it finished first. A load that
+    fails before a quarter raises its error here (waiting for the quarter would hang)."""
+    from warmstart.loader import aload
+
+    started = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def progress(done, _total):
+        if done > total // 4:
+            loop.call_soon_threadsafe(started.set)
+
+    task = asyncio.ensure_future(aload(ckpt, device, progress=progress, **options))
+    quarter = asyncio.ensure_future(started.wait())
+    await asyncio.wait({task, quarter}, return_when=asyncio.FIRST_COMPLETED)
+    quarter.cancel()
+    task.cancel()
+    await asyncio.sleep(0)
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        if started.is_set():
+            return True
+        raise
+    return False  # it finished first: nothing was cancelled
 
 
 def timed(kind: str, ckpt: str) -> dict:

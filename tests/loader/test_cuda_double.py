@@ -379,3 +379,25 @@ def test_gpu_check_loads_of_odd_sizes_are_identical_on_the_double(dbl, mem, tmp_
     assert stats["chunks_done"] == stats["copies"] >= 48 and stats["slots_in_use"] == 0
     assert dbl.stat("pageable") == 0
     no_hazards(dbl)
+
+
+def test_gpu_check_cancel_step_reports_a_load_that_fails_before_a_quarter(dbl, mem,
+                                                                          tmp_path_factory):
+    """benchmarks/gpu_check's cancel step waits for a quarter of the bytes; a load that fails
+    before that (here its first destination allocation) is that step's error, not a wait that
+    never ends (which would eat the rest of the GPU machine's 10 minutes)."""
+    from warmstart.benchmarks import gpu_check
+
+    made = gpu_check.make(str(tmp_path_factory.mktemp("quarter")), 8 << 20)
+    mem.fail_alloc_after = 0
+    cfg = cfg_for(dbl, LoaderConfig(chunk_size=1 << 20, memory_budget=4 << 20, mmap=False))
+
+    async def main():
+        step = gpu_check.cancel_at_a_quarter(made["path"], "cuda:1", made["bytes"], config=cfg,
+                                             _device_memory=mem)
+        return await asyncio.wait_for(step, 60)  # generous: a hang fails, never blocks
+
+    with pytest.raises(torch.OutOfMemoryError):
+        asyncio.run(main())
+    assert native_loop.last_stats()["slots_in_use"] == 0
+    no_hazards(dbl)
