@@ -17,7 +17,8 @@ The model (docs/CONFIG.md, "GPU defaults"):
   slots    = ring // slot size, at most twice the depth (more only pins memory that waits
              for the reads), at least 2; the load uses at most one per chunk it has.
 An explicit `chunk_size` or `concurrency` in the config is kept as given; the budget is
-never exceeded.
+never exceeded but by the floor of two slots (a budget smaller than two slots of one
+alignment unit plus margin gets two: with verify's 1 MiB blocks, 6 MiB).
 """
 
 from __future__ import annotations

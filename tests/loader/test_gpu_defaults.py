@@ -82,3 +82,20 @@ def test_an_idle_pinned_ring_is_reused_when_it_holds_the_depth():
 def test_the_host_is_read_once():
     facts = HostFacts.here(pinned_idle=5)
     assert facts.cores >= 1 and facts.pinned_idle == 5
+
+
+@pytest.mark.parametrize("cores", [1, 2, 16, 64])
+@pytest.mark.parametrize("budget", [32 << 10, 8 << 20, 256 << 20, 4 << 30])
+@pytest.mark.parametrize("unit", [1, 4096, 1 << 20])
+def test_every_host_size_and_budget_gets_a_ring_within_the_budget_or_the_two_slot_floor(
+        cores, budget, unit):
+    """1 to 64 cores, 32 KiB to 4 GiB: at least 2 readers and never more than the cores
+    leave (beyond the 2-reader floor); the ring within the budget, except the documented
+    floor of two slots (verify's 1 MiB blocks: 6 MiB) when the budget holds fewer."""
+    config = LoaderConfig(memory_budget=budget)
+    d = gpu_defaults(HostFacts(cores=cores), config, unit=unit)
+    check_invariants(d, config, unit)
+    assert 2 <= d.readers <= max(2, cores - 2)
+    if d.ring_bytes > budget:
+        assert d.slots == 2 and budget < 2 * d.slot_bytes
+        assert d.chunk_size == max(4096, unit)  # the smallest chunk: the floor is the least
