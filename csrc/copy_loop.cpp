@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <chrono>
+#include <system_error>
 
 #include "crc32.h"
 #include "cuda_rt.h"
@@ -47,8 +48,21 @@ int CopyLoop::start() {
   for (uint32_t i = slots_; i > 0; --i) free_.push_back(i - 1);  // slot 0 handed out first
   readers_running_ = readers_;
   started_ = true;
-  for (uint32_t i = 0; i < readers_; ++i) threads_.emplace_back(&CopyLoop::read_worker, this);
-  threads_.emplace_back(&CopyLoop::reap_worker, this);
+  uint32_t readers_started = 0;
+  try {
+    for (; readers_started < readers_; ++readers_started)
+      threads_.emplace_back(&CopyLoop::read_worker, this);
+    threads_.emplace_back(&CopyLoop::reap_worker, this);
+  } catch (const std::system_error& e) {
+    // Out of threads (a pids limit, RLIMIT_NPROC, no room for stacks): the threads that
+    // did start stop at once (they wait for mu_, held here), and close() joins them. The
+    // exception must not cross into Python's C API (that would abort the process).
+    stop_ = true;
+    readers_running_ = readers_started;
+    work_cv_.notify_all();
+    reap_cv_.notify_all();
+    return kLoopThreadsFailed + (e.code().value() > 0 ? e.code().value() : EAGAIN);
+  }
   return 0;
 }
 

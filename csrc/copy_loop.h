@@ -46,6 +46,8 @@ enum LoopStatus : int {
   kLoopCudaError = 4,  // code: cudaError_t, a: which call (LoopCall)
 };
 enum LoopCall : int { kCallMemcpy = 0, kCallRecord = 1, kCallSync = 2 };
+// start(): its threads could not all start; the errno is added (no cudaError_t is this large)
+constexpr int kLoopThreadsFailed = 1 << 20;
 
 struct LoopFailure {
   uint64_t job = 0;
@@ -77,7 +79,8 @@ class CopyLoop {
   CopyLoop& operator=(const CopyLoop&) = delete;
 
   // Creates the slots' events (on the calling thread, `device` made current) and starts the
-  // threads. Returns a cudaError_t; on failure nothing runs and close() is still safe.
+  // threads. Returns a cudaError_t, or kLoopThreadsFailed + errno when the threads could not
+  // all start; on failure nothing runs and close() is still safe.
   int start();
   // Queues jobs (ignored once cancelled). A job resubmitted after a failure counts again.
   void submit(std::vector<LoopJob> jobs);

@@ -36,6 +36,7 @@ from warmstart.loader.sums import BlockSums, VerifyingSource
 from warmstart.storage.retry import _pause_after  # the one retry decision
 
 READ_ERROR, SHORT_READ, BAD_SUM, CUDA_ERROR = 1, 2, 3, 4
+THREADS_FAILED = 1 << 20  # loop_new: its threads could not all start (+ errno)
 CUDA_CALLS = ("cudaMemcpyAsync", "cudaEventRecord", "cudaEventSynchronize")
 _totals: dict[str, int] = {}
 _last: dict[str, int] = {}
@@ -133,6 +134,9 @@ class _Loop:
                                                                    handle)))
             raise
         err, handle = opening.result()
+        if err >= THREADS_FAILED:
+            raise NativeError(f"the copy loop for cuda:{engine.device} could not start its "
+                              f"{readers} reader threads: {os.strerror(err - THREADS_FAILED)}")
         if err != 0:
             raise NativeError(cuda_error(err, f"cudaEventCreate for the copy loop on "
                                               f"cuda:{engine.device}"))

@@ -345,3 +345,50 @@ def test_a_loop_cancelled_while_it_opens_is_closed_on_the_engines_thread(dbl):
     created, destroyed = asyncio.run(main())
     assert created == destroyed == 4
     assert dbl.thread_calls(me) == 0, "the caller's thread made CUDA calls"
+
+
+THREADS_CHILD = r"""
+import asyncio, resource, sys
+from warmstart.errors import NativeError
+from warmstart.loader import native_loop
+from warmstart.loader.copy import CudaCopyEngine
+
+async def main():
+    engine = await CudaCopyEngine(1, sys.argv[1]).open()
+    ring = await engine.ring(2, 16384)
+    try:
+        # room for a few dozen 8 MiB thread stacks, not for 1024 of them
+        vm = int(open("/proc/self/status").read().split("VmSize:")[1].split()[0]) * 1024
+        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+        resource.setrlimit(resource.RLIMIT_AS, (vm + (256 << 20), hard))
+        try:
+            await native_loop._Loop.open(engine, ring, 1024, [], [])
+            print("opened")
+        except NativeError as exc:
+            print("raised:", exc)
+        finally:
+            resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+    finally:
+        ring.free()
+        await engine.aclose()
+    print("closed")
+
+asyncio.run(main())
+"""
+
+
+def test_a_loop_whose_threads_cannot_start_is_a_native_error_not_an_abort(dbl):
+    """1024 readers where the process has room for a few dozen thread stacks: the threads
+    that started stop and are joined, and Python gets a NativeError with the reason; the
+    std::system_error used to cross into Python's C API and abort the process."""
+    import subprocess
+    import sys
+
+    ran = subprocess.run([sys.executable, "-c", THREADS_CHILD, dbl.path], capture_output=True,
+                         text=True, timeout=300)
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    lines = ran.stdout.splitlines()
+    if lines and lines[0] == "opened":
+        pytest.skip("this machine started 1024 threads within the address-space limit")
+    assert lines == ["raised: the copy loop for cuda:1 could not start its 1024 reader "
+                     "threads: Resource temporarily unavailable", "closed"], ran.stdout
