@@ -29,6 +29,7 @@ class CopyLoop:
     """Opaque: a native read -> copy -> recycle loop (csrc/copy_loop.h)."""
 
 # files: (fd, direct_fd, size, block, sums); tensor_chunks[t]: chunks tensor t waits for
+# -> (0, loop), or (cudaError_t, None), or (1 << 20 + errno, None): threads failed to start
 def loop_new(device: int, stream: int, ring: int, slots: int, slot_bytes: int, readers: int,
              files: list[tuple[int, int, int, int, tuple[int, ...]]],
              tensor_chunks: list[int]) -> tuple[int, CopyLoop | None]: ...
