@@ -182,6 +182,9 @@ def test_serve_replica_in_image_uri_streams_its_weights(registry, localbucket, t
         pytest.skip(f"needs Debian's python3.11 and ray[serve] installed in {RAY_PACKAGES}")
     if any(shutil.which(b) is None for b in ("umoci", "chroot", "unshare")):
         pytest.skip("umoci, chroot and unshare are needed to build the image")
+    if shutil.which("fuse-overlayfs") is None:
+        pytest.skip("fuse-overlayfs is not installed (Debian package fuse-overlayfs): without "
+                    "it podman copies the whole lazy image for Ray's --userns=keep-id")
     safetensors = pytest.importorskip("safetensors.torch")
     import torch
     host, _ = registry
