@@ -4,6 +4,7 @@
     python -m warmstart.benchmarks.gpu_check first-load CKPT      fresh process: ring pinned?
     python -m warmstart.benchmarks.gpu_check checks CKPT          correctness checks -> JSON
     python -m warmstart.benchmarks.gpu_check time KIND CKPT       one timed load -> JSON
+                  (KIND: safetensors, warmstart, or warmstart-python: the Python staged path)
     python -m warmstart.benchmarks.gpu_check ceiling SIZE         pinned host->device GB/s
     python -m warmstart.benchmarks.gpu_check summary DIR          results.json from the parts
 
@@ -13,6 +14,7 @@ Each subcommand prints one JSON object; failed checks are listed, never hidden.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import statistics
@@ -175,6 +177,32 @@ def checks(ckpt: str) -> dict:
 
     run("huge_budget_then_good_load", huge_budget_then_good)
 
+    def native_loop_used():
+        # a load of local files to the GPU runs the native copy loop: every chunk read and
+        # copied there, Python woken per batch of tensors, no slot left in use
+        from warmstart.loader import native_loop
+
+        got = load(ckpt, "cuda:0")
+        stats = native_loop.last_stats()
+        ok = (_same(got, ref) and stats.get("chunks_done", 0) > 0 and
+              stats["chunks_done"] == stats["copies"] and stats["slots_in_use"] == 0 and
+              stats["wakeups"] <= len(got))
+        return stats if ok else False
+
+    run("native_loop_used", native_loop_used)
+
+    def cancel_mid_load_then_load():
+        # cancelled once a quarter has landed, and again while it waits for its copies
+        from warmstart.loader import native_loop
+
+        total = sum(os.path.getsize(p) for p in Path(ckpt).glob("*.safetensors"))
+        cancelled = asyncio.run(cancel_at_a_quarter(ckpt, "cuda:0", total))
+        stats = native_loop.last_stats()
+        return (cancelled and stats["slots_in_use"] == 0 and stats["bytes"] < total and
+                _same(load(ckpt, "cuda:0"), ref))
+
+    run("cancel_mid_load_then_load", cancel_mid_load_then_load)
+
     def break_then_load():
         it = stream(ckpt, "cuda:0")
         next(it)
@@ -183,6 +211,35 @@ def checks(ckpt: str) -> dict:
 
     run("break_stream_then_load", break_then_load)
     return {"checks": results, "ok": all(r["ok"] for r in results.values())}
+
+
+async def cancel_at_a_quarter(ckpt: str, device: str, total: int, **options) -> bool:
+    """`aload` cancelled once a quarter of `total` bytes has landed, and again while it waits
+    for its copies: True once it ended cancelled, False if it finished first. A load that
+    fails before a quarter raises its error here (waiting for the quarter would hang)."""
+    from warmstart.loader import aload
+
+    started = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def progress(done, _total):
+        if done > total // 4:
+            loop.call_soon_threadsafe(started.set)
+
+    task = asyncio.ensure_future(aload(ckpt, device, progress=progress, **options))
+    quarter = asyncio.ensure_future(started.wait())
+    await asyncio.wait({task, quarter}, return_when=asyncio.FIRST_COMPLETED)
+    quarter.cancel()
+    task.cancel()
+    await asyncio.sleep(0)
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        if started.is_set():
+            return True
+        raise
+    return False  # it finished first: nothing was cancelled
 
 
 def timed(kind: str, ckpt: str) -> dict:
@@ -198,6 +255,8 @@ def timed(kind: str, ckpt: str) -> dict:
     started = time.perf_counter()
     if kind == "warmstart":
         got = load(ckpt, "cuda:0")
+    elif kind == "warmstart-python":  # a wrapped source: the Python staged path, as for S3
+        got = load(ckpt, "cuda:0", wrap_source=_Passthrough)
     else:
         got = {}
         for f in files:
@@ -205,7 +264,36 @@ def timed(kind: str, ckpt: str) -> dict:
     torch.cuda.synchronize()
     seconds = time.perf_counter() - started
     nbytes = sum(t.numel() * t.element_size() for t in got.values())
-    return {"kind": kind, "seconds": seconds, "bytes": nbytes, "gbps": nbytes / seconds / 1e9}
+    row = {"kind": kind, "seconds": seconds, "bytes": nbytes, "gbps": nbytes / seconds / 1e9}
+    if kind == "warmstart":
+        from warmstart.loader import native_loop
+
+        row["native_loop"] = native_loop.last_stats()
+    return row
+
+
+@functools.cache
+def _passthrough_class():
+    from warmstart.loader.sources.base import Source
+
+    class Passthrough(Source):
+        """Reads through the wrapped source unchanged; any wrapper takes the Python path."""
+
+        def __init__(self, inner):
+            self.inner, self.name = inner, inner.name
+            self.backend, self.alignment = inner.backend, inner.alignment
+
+        async def size(self):
+            return await self.inner.size()
+
+        async def read_into(self, offset, target):
+            await self.inner.read_into(offset, target)
+
+    return Passthrough
+
+
+def _Passthrough(inner):  # noqa: N802 - a wrap_source callable
+    return _passthrough_class()(inner)
 
 
 def ceiling(total: int) -> dict:
@@ -249,6 +337,8 @@ def summary(folder: str) -> dict:
         out["warmstart_vs_safetensors"] = medians["warmstart"] / medians["safetensors"]
     if "warmstart" in medians and ceil:
         out["warmstart_vs_ceiling"] = medians["warmstart"] / ceil
+    if "warmstart" in medians and "warmstart-python" in medians:
+        out["native_loop_vs_python_path"] = medians["warmstart"] / medians["warmstart-python"]
     return out
 
 

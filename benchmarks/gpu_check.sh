@@ -12,9 +12,12 @@
 #  4. bit-identical loads of a SIZE odd-size checkpoint (2 shards): O_DIRECT on, off, verify
 #     on; a stream hazard (a freed block still read on a side stream, the default stream
 #     busy); the caller's device unchanged after load and aload; an OOM and a huge budget
-#     fail or fall back cleanly and a good load follows; break out of stream() then load
+#     fail or fall back cleanly and a good load follows; the native copy loop ran (its
+#     counters); a load cancelled mid-way (twice) leaves no slot in use and a good load
+#     follows; break out of stream() then load
 #  5. page cache -> GPU throughput of the same checkpoint, fresh process per run, median of
-#     REPEAT, warmstart vs safetensors, and the pinned cudaMemcpy ceiling
+#     REPEAT, warmstart (native loop) vs warmstart's Python staged path vs safetensors, and
+#     the pinned cudaMemcpy ceiling
 # Everything lands in RESULTS_DIR (default gpu-results/<UTC time>); results.json is printed
 # at the end. Environment: SIZE (8GiB, at least 8GiB for the throughput figures), REPEAT (3),
 # PYTHON (python3), CKPT_DIR (RESULTS_DIR/ckpt; must not be tmpfs, O_DIRECT needs a disk).
@@ -74,7 +77,7 @@ step "throughput: page cache -> cuda:0, $REPEAT fresh processes each"
 cat "$CKPT"/*.safetensors > /dev/null  # warm: page cache
 : > "$RESULTS/timed.jsonl"
 for _ in $(seq "$REPEAT"); do
-    for kind in safetensors warmstart; do
+    for kind in safetensors warmstart warmstart-python; do
         "${CHECK[@]}" time "$kind" "$CKPT" >> "$RESULTS/timed.jsonl"
     done
 done

@@ -2,6 +2,7 @@
 the first line a Python start-up prints in the container.
 
     python -m warmstart.benchmarks.podman_bench [--torch] [--runs 3] [--throttle 150M]
+    python -m warmstart.benchmarks.podman_bench --ray [--runs 3]   (Ray Serve, image_uri)
 
 Builds the image_bench image (python3.11 + numpy, `--torch` for ~0.8 GB) offline, pushes it
 with skopeo to Debian's docker-registry on 127.0.0.1, converts its warmstart twin into the
@@ -171,7 +172,28 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--throttle", type=_size, default=150_000_000)
     ap.add_argument("--out", default="bench-out/podman")
+    ray = ap.add_argument_group("--ray: a Serve deployment with image_uri and S3 weights "
+                                "(benchmarks/podman_ray_bench.py)")
+    ray.add_argument("--ray", action="store_true",
+                     help="time serve.run to the first answer instead: stock (podman's pull, "
+                     "download-then-load) vs warmstart (layer store, streamed weights)")
+    ray.add_argument("--size", default="512MiB", help="--ray: checkpoint size")
+    ray.add_argument("--s3-bandwidth", type=_size, default=200_000_000,
+                     help="--ray: object storage cap shared by every GET (0: uncapped)")
+    ray.add_argument("--modes", nargs="+", default=["stock", "warmstart", "warmstart+profile"],
+                     choices=["stock", "stock+fuse-overlayfs", "warmstart",
+                              "warmstart+profile"])
+    ray.add_argument("--user", default="warmstart-raybench",
+                     help="--ray: the user running Ray (its podman storage is reset per run)")
+    ray.add_argument("--ray-site", default="/tmp/ws-raypkgs/site",
+                     help='--ray: pip install --target DIR "ray[serve]==2.60.0"')
+    ray.add_argument("--cache", default="/tmp/warmstart-podman-ray-cache",
+                     help="--ray: where the built image and the registry's storage stay "
+                     "between runs (readable by --user)")
     args = ap.parse_args(argv)
+    if args.ray:
+        from warmstart.benchmarks import podman_ray_bench
+        return podman_ray_bench.main(args)
     os.makedirs(args.out, exist_ok=True)
     work = tempfile.mkdtemp(prefix="warmstart-podman-bench-", dir="/tmp")
     registry, host = start_registry(work)

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "chunker.h"
+#include "loop_binding.h"
 #include "cuda_rt.h"
 #include "hostio.h"
 
@@ -258,6 +259,18 @@ PyMethodDef methods[] = {
     {"fastcdc_cuts", py_fastcdc_cuts, METH_VARARGS,
      "fastcdc_cuts(buffer, min, avg, max, final) -> list of chunk lengths"},
     {"gear_table", py_gear_table, METH_NOARGS, "the chunker's 256 gear values"},
+    {"loop_new", binding::py_loop_new, METH_VARARGS,
+     "loop_new(device, stream, ring, slots, slot_bytes, readers, files, tensor_chunks) -> "
+     "(cudaError_t, loop or None); files: (fd, direct_fd, size, block, sums)"},
+    {"loop_submit", binding::py_loop_submit, METH_VARARGS,
+     "loop_submit(loop, [(id, file, offset, length, skip, copy_len, dst, tensors)])"},
+    {"loop_wait", binding::py_loop_wait, METH_VARARGS,
+     "loop_wait(loop, timeout) -> (whole tensors, bytes, failures, cancelled); blocks"},
+    {"loop_cancel", binding::py_loop_cancel, METH_VARARGS, "loop_cancel(loop): stop taking jobs"},
+    {"loop_close", binding::py_loop_close, METH_VARARGS,
+     "loop_close(loop): cancel, join, wait until no copy reads the ring"},
+    {"loop_stats", binding::py_loop_stats, METH_VARARGS, "loop_stats(loop) -> dict of counters"},
+    {"crc32", binding::py_crc32, METH_VARARGS, "crc32(buffer, start=0) -> zlib-compatible CRC-32"},
     {nullptr, nullptr, 0, nullptr},
 };
 

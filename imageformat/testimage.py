@@ -172,3 +172,123 @@ def add_shared_libs(root: str) -> None:
             if not os.path.exists(dest):
                 os.makedirs(os.path.dirname(dest), exist_ok=True)
                 shutil.copy2(os.path.realpath(lib), dest)
+
+
+SITE = "usr/lib/python3/dist-packages"  # relative: always joined under an image root
+
+# What a Serve replica in an image needs to stream weights with warmstart: torch (without its
+# C++ headers, test binaries and tests), the S3 client warmstart's storage layer uses, and
+# safetensors for the download-then-load baseline. Ray's own wheels (aiohttp, yarl, numpy ...)
+# are expected in the image already.
+REPLICA_DISTRIBUTIONS = ("torch", "aiobotocore", "aioitertools", "botocore", "jmespath",
+                         "python-dateutil", "safetensors")
+TORCH_UNUSED = ("torch/include/", "torch/test/", "torch/bin/test", "torch/bin/protoc",
+                "torch/bin/FileStoreTest", "torch/bin/HashStoreTest", "torch/bin/TCPStoreTest")
+WARMSTART_PARTS = ("warmstart", "warmstart.storage", "warmstart.loader",
+                   "warmstart.loader.sources", "warmstart.ray_serve")
+
+
+def add_distributions(root: str, names: tuple[str, ...] | list[str],
+                      skip: tuple[str, ...] = TORCH_UNUSED) -> int:
+    """Copies the files the running interpreter's installed distributions `names` list in
+    their RECORD into the image's /usr/lib/python3/dist-packages, except paths starting with
+    one of `skip` (by default torch's C++ headers, tests and test binaries: `import torch`
+    needs only `torch/bin/torch_shm_manager` of its binaries). Returns the bytes copied."""
+    import importlib.metadata as md
+    dest = os.path.join(root, SITE)
+    total = 0
+    for name in names:
+        dist = md.distribution(name)
+        for rel in dist.files or ():
+            path = str(rel)
+            if path.startswith("..") or "__pycache__" in path or path.startswith(skip):
+                continue
+            src = str(dist.locate_file(rel))
+            if not os.path.isfile(src):
+                continue
+            target = os.path.join(dest, path)
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            shutil.copy2(src, target)
+            total += os.path.getsize(target)
+    return total
+
+
+def add_warmstart(root: str, parts: tuple[str, ...] = WARMSTART_PARTS,
+                  python: str = PY) -> str:
+    """Copies the running warmstart's Python sources (only `parts`, e.g. what a replica
+    needs to load weights) and its built native extension into the image's dist-packages.
+    The extension must have been built for the image's CPython: its file name has to end in
+    that interpreter's EXT_SUFFIX (ValueError otherwise). Returns the extension's path in
+    the image."""
+    import importlib.util
+    suffix = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))"],
+        capture_output=True, text=True, check=True).stdout.strip()
+    native = importlib.util.find_spec("warmstart._native").origin
+    if not native.endswith(suffix):
+        raise ValueError(f"{native} is not built for {python} (extension suffix {suffix})")
+    dest = os.path.join(root, SITE)
+    for part in parts:
+        spec = importlib.util.find_spec(part)
+        folder = os.path.join(dest, *part.split("."))
+        os.makedirs(folder, exist_ok=True)
+        for src_dir in spec.submodule_search_locations:
+            for name in sorted(os.listdir(src_dir)):
+                if name.endswith(".py"):
+                    shutil.copy2(os.path.join(src_dir, name), folder)
+    target = os.path.join(dest, "warmstart", os.path.basename(native))
+    shutil.copy2(native, target)
+    return target
+
+
+REPLICA_IMPORTS = ("import ray, ray.serve, torch, warmstart.loader, warmstart.ray_serve.replica,"
+                   " aiobotocore.session, safetensors.torch")
+
+
+def _umoci(*args: str) -> None:
+    subprocess.run(["umoci", *args], check=True, capture_output=True, timeout=1800)
+
+
+def build_replica_layout(work: str, ray_site: str) -> tuple[str, int]:
+    """An OCI layout `WORK/layout:v1` for a Ray Serve replica that streams its weights with
+    warmstart, built offline with umoci. Layer 1: Debian's python3.11 and its whole stdlib
+    with `ray_site` (`pip install --target DIR "ray[serve]==2.60.0"`); layer 2: torch, the S3
+    client and safetensors from this interpreter (`REPLICA_DISTRIBUTIONS`), and warmstart's
+    loader and Serve hook with the native extension built here (`add_warmstart`). Before it
+    returns, the image must import `REPLICA_IMPORTS` in a chroot. Returns (layout, bytes of
+    files)."""
+    layout, bundle = os.path.join(work, "layout"), os.path.join(work, "bundle")
+    _umoci("init", "--layout", layout)
+    _umoci("new", "--image", f"{layout}:v1")
+    _umoci("unpack", "--image", f"{layout}:v1", bundle)
+    full = os.path.join(bundle, "rootfs")
+    ray_root, ws_root = os.path.join(work, "ray-rootfs"), os.path.join(work, "ws-rootfs")
+    build_python_rootfs(ray_root)
+    add_full_stdlib(ray_root)
+    os.symlink("python3.11", os.path.join(ray_root, "usr/bin/python"))
+    shutil.copytree(ray_site, os.path.join(ray_root, SITE), symlinks=True, dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    add_shared_libs(ray_root)
+    for d, mode in (("tmp", 0o1777), ("dev", 0o755)):
+        os.makedirs(os.path.join(ray_root, d), exist_ok=True)
+        os.chmod(os.path.join(ray_root, d), mode)
+    add_distributions(ws_root, REPLICA_DISTRIBUTIONS)
+    add_warmstart(ws_root)
+    add_shared_libs(ws_root)  # what torch and the extension link (libgomp, libstdc++ ...)
+    for layer in (ray_root, ws_root):
+        subprocess.run(["cp", "-a", f"{layer}/.", full], check=True, capture_output=True)
+        shutil.rmtree(layer)
+        _umoci("repack", "--refresh-bundle", "--image", f"{layout}:v1", bundle)
+    size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(full) for f in fs
+               if not os.path.islink(os.path.join(d, f)))
+    # torch needs /dev/urandom: the host's /dev, bound in a private mount namespace that
+    # ends with the check
+    check = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+         'mount --rbind /dev "$0/dev" && exec chroot "$0" /usr/bin/python3 -c "$1"', full,
+         REPLICA_IMPORTS], capture_output=True, text=True, timeout=600)
+    shutil.rmtree(bundle)
+    if check.returncode != 0:
+        raise RuntimeError(f"the replica image cannot import what it needs: "
+                           f"{check.stderr[-2000:]}")
+    return layout, size

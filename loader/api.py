@@ -22,7 +22,8 @@ from warmstart.loader.copy import CudaCopyEngine, HostCopyEngine
 from warmstart.loader.header import DTYPES
 from warmstart.loader.mapped import mappable, stream_mapped
 from warmstart.loader.memory import DeviceMemory, HostRing, TorchCudaMemory, host_tensor
-from warmstart.loader.pipeline import Destination, execute, settle
+from warmstart.loader.native_loop import choose_execute, native_defaults
+from warmstart.loader.pipeline import Destination, settle
 from warmstart.loader.plan import direct_readable, plan_reads
 from warmstart.storage.progress import Counter, Progress
 
@@ -122,16 +123,20 @@ async def astream(uri: str, device: str | torch.device = "cpu", *,
         # Reads widen to whole alignment units (O_DIRECT pages, verify's blocks): chunks
         # smaller than a unit would read each unit many times over.
         unit = max(aligns, default=1)
-        chunk_size = -(-cfg.chunk_size // unit) * unit
+        backend = ckpt.files[0].source.backend if ckpt.files else "local"
+        sources = [f.source for f in ckpt.files]
+        # GPU loads of local files: readers, chunk size and ring slots from the host model
+        tuned = native_defaults(sources, cfg, unit) if cuda is not None else None
+        chunk_size = tuned.chunk_size if tuned else -(-cfg.chunk_size // unit) * unit
         plan = plan_reads(headers, names, chunk_size=chunk_size,
                           group_size=max(cfg.group_size, chunk_size), gap_size=cfg.gap_size,
                           read_align=None if staged else aligns)
-        backend = ckpt.files[0].source.backend if ckpt.files else "local"
-        concurrency = cfg.read_concurrency(backend)
+        concurrency = tuned.readers if tuned else cfg.read_concurrency(backend)
         ring = engine = None
         # a slot holds a chunk widened to its source's alignment on both ends
         slot_bytes = chunk_size + 2 * max(4096, unit)
-        slots = max(2, min(cfg.memory_budget // slot_bytes, len(plan.chunks)))
+        slots = max(2, min(tuned.slots if tuned else cfg.memory_budget // slot_bytes,
+                           len(plan.chunks)))
         if cuda is not None:
             # The runtime loads (and the ring is pinned, with its device current) on the
             # engine's threads, before the first slot exists.
@@ -157,10 +162,11 @@ async def astream(uri: str, device: str | torch.device = "cpu", *,
 
         async def drive() -> None:
             try:
-                await execute(plan, [f.source for f in ckpt.files], dest,
-                              concurrency=concurrency, ring=ring, engine=engine,
-                              on_tensor=ready.put_nowait, on_progress=on_progress,
-                              before_group=window.acquire if window else None)
+                run = choose_execute(sources, engine)  # GPU + local files: the native loop
+                await run(plan, sources, dest,
+                          concurrency=concurrency, ring=ring, engine=engine,
+                          on_tensor=ready.put_nowait, on_progress=on_progress,
+                          before_group=window.acquire if window else None)
             except BaseException as exc:  # noqa: BLE001 - handed to the consumer
                 ready.put_nowait(exc)
             else:

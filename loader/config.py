@@ -52,11 +52,12 @@ class LoaderConfig:
     chunk_size: int = 0
     """Bytes per read request and per ring slot. 0 (auto): 16 MiB, or less when
     `memory_budget` is too small for two such slots (two slots and their alignment margins
-    then fill the budget)."""
+    then fill the budget). GPU loads of local files: from `gpu_defaults` (docs/CONFIG.md)."""
     memory_budget: int = 256 * MiB
     """Host memory the loader may use beyond the tensors it returns (ring slots)."""
     concurrency: int = 0
-    """Reads in flight; 0 picks a default per backend (local 8, S3 16)."""
+    """Reads in flight; 0 picks a default per backend (local 8, S3 16; GPU loads of local
+    files: from `gpu_defaults`)."""
     direct_io: bool | None = None
     """Read local files with O_DIRECT, staged through the ring. None (auto): per file, only
     when most of it is not in the page cache (a cold read from disk)."""

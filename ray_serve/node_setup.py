@@ -18,7 +18,12 @@ so everything else comes from the user's podman configuration, and:
   podman created its namespaces (they are made when podman first asks for a layer) reach
   those namespaces (what systemd does at boot; container hosts often leave `/` private);
 - `storage.conf` names the warmstart layer store (`additionallayerstores = ["DIR:ref"]`),
-  which a root `warmstart image layer-store DIR` serves to every user (FUSE allow_other).
+  which a root `warmstart image layer-store DIR` serves to every user (FUSE allow_other);
+- `storage.conf` also mounts containers through fuse-overlayfs (`mount_program`): with
+  kernel overlay, rootless podman cannot shift owners for `--userns=keep-id`, so it copies
+  the image's whole top layer with owners changed before the first worker starts, which
+  reads every chunk of a lazy image; fuse-overlayfs maps the owners as it serves the files.
+  It opens /dev/fuse as the user, so /dev/fuse is made 0666 (what Debian's udev rule sets).
 
 `plan_setup` decides all of it (pure); `apply` does it, idempotently.
 """
@@ -29,6 +34,7 @@ import argparse
 import json
 import os
 import pwd
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -49,6 +55,8 @@ class NodeSetup:
     insecure_registries: tuple[str, ...] = ()
     runtime: str = "runc"
     ulimits: tuple[str, ...] = ("nofile=20000:20000", "nproc=4096:4096")
+    mount_program: str | None = "/usr/bin/fuse-overlayfs"
+    """podman's overlay mount program (None: kernel overlay, and a copy of the image)."""
 
 
 @dataclass(frozen=True)
@@ -57,6 +65,7 @@ class Plan:
     subid_lines: tuple[tuple[str, str], ...]  # (/etc/subuid | /etc/subgid, line to append)
     mount_mqueue: bool
     share_root: bool
+    open_fuse: bool = False  # chmod 0666 /dev/fuse
     notes: tuple[str, ...] = field(default_factory=tuple)
 
 
@@ -84,8 +93,9 @@ def _has_range(existing: str, user: str, uid: int) -> bool:
 
 
 def plan_setup(s: NodeSetup, subuid: str, subgid: str, mqueue_mounted: bool,
-               root_shared: bool) -> Plan:
-    """What to do for `s`, given the subuid/subgid files, /dev/mqueue and `/`'s propagation."""
+               root_shared: bool, fuse_mode: int = 0o666) -> Plan:
+    """What to do for `s`, given the subuid/subgid files, /dev/mqueue, `/`'s propagation and
+    /dev/fuse's permission bits."""
     if s.uid == 0:
         raise ConfigError("Ray's image_uri passes --userns=keep-id, which podman refuses for "
                           "root: set up a non-root user and run Ray as that user")
@@ -94,6 +104,8 @@ def plan_setup(s: NodeSetup, subuid: str, subgid: str, mqueue_mounted: bool,
     conf = os.path.join(s.home, ".config", "containers")
     storage = ("[storage]\ndriver = \"overlay\"\n[storage.options]\n"
                f"additionallayerstores = {_toml_list([s.layer_store + ':ref'])}\n")
+    if s.mount_program:
+        storage += f"[storage.options.overlay]\nmount_program = {json.dumps(s.mount_program)}\n"
     containers = ("[containers]\n"
                   f"default_ulimits = {_toml_list(s.ulimits)}\n"
                   # Ray's first command (pull, find default_worker.py) names no network:
@@ -114,9 +126,14 @@ def plan_setup(s: NodeSetup, subuid: str, subgid: str, mqueue_mounted: bool,
     for path, text in (("/etc/subuid", subuid), ("/etc/subgid", subgid)):
         if not _has_range(text, s.user, s.uid):
             subids.append((path, f"{s.user}:{next_subid_start(text)}:{SUBID_COUNT}"))
-    notes = (f"run `warmstart image layer-store {s.layer_store}` as root (it must be "
-             "mounted before Ray starts a worker), and Ray itself as " + s.user,)
-    return Plan(tuple(files), tuple(subids), not mqueue_mounted, not root_shared, notes)
+    notes = [f"run `warmstart image layer-store {s.layer_store}` as root (it must be "
+             "mounted before Ray starts a worker), and Ray itself as " + s.user]
+    if not s.mount_program:
+        notes.append("no fuse-overlayfs (Debian package fuse-overlayfs): podman copies each "
+                     "image's top layer for --userns=keep-id, reading all of a lazy image")
+    open_fuse = bool(s.mount_program) and fuse_mode & 0o006 != 0o006
+    return Plan(tuple(files), tuple(subids), not mqueue_mounted, not root_shared,
+                open_fuse=open_fuse, notes=tuple(notes))
 
 
 def _read(path: str) -> str:
@@ -158,6 +175,8 @@ def apply(plan: Plan, s: NodeSetup) -> None:
                            capture_output=True, text=True)
         if r.returncode != 0:
             raise ConfigError(f"could not mount /dev/mqueue: {r.stderr.strip()}")
+    if plan.open_fuse:
+        os.chmod("/dev/fuse", 0o666)
     if plan.share_root:
         r = subprocess.run(["mount", "--make-rshared", "/"], capture_output=True, text=True)
         if r.returncode != 0:
@@ -200,9 +219,14 @@ def main(argv: list[str] | None = None) -> int:
                               f"useradd -m {args.user})") from None
         s = NodeSetup(args.user, pw.pw_dir, pw.pw_uid, pw.pw_gid,
                       os.path.abspath(args.layer_store), tuple(args.insecure_registry),
-                      args.runtime)
+                      args.runtime, mount_program=shutil.which("fuse-overlayfs"))
+        try:
+            fuse_mode = os.stat("/dev/fuse").st_mode & 0o777
+        except FileNotFoundError:
+            raise ConfigError("/dev/fuse does not exist (the layer store and fuse-overlayfs "
+                              "need FUSE)") from None
         plan = plan_setup(s, _read("/etc/subuid"), _read("/etc/subgid"), mqueue_mounted(),
-                          root_shared())
+                          root_shared(), fuse_mode)
         if not args.dry_run:
             apply(plan, s)
     except WarmstartError as exc:
@@ -211,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({"user": s.user, "files": [f for f, _ in plan.files],
                       "subids": [line for _, line in plan.subid_lines],
                       "mqueue": plan.mount_mqueue, "share_root": plan.share_root,
+                      "open_fuse": plan.open_fuse, "mount_program": s.mount_program,
                       "applied": not args.dry_run,
                       "next": list(plan.notes)}, indent=1))
     return 0

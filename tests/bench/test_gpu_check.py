@@ -30,10 +30,13 @@ def test_summary_joins_the_parts(tmp_path):
     (tmp_path / "checks.json").write_text(json.dumps({"ok": True, "checks": {}}))
     (tmp_path / "ceiling.json").write_text(json.dumps({"pinned_h2d_gbps": 50.0}))
     rows = [{"kind": "safetensors", "gbps": g} for g in (4.0, 5.0, 6.0)] + \
-           [{"kind": "warmstart", "gbps": g} for g in (40.0, 45.0, 44.0)]
+           [{"kind": "warmstart", "gbps": g} for g in (40.0, 45.0, 44.0)] + \
+           [{"kind": "warmstart-python", "gbps": g} for g in (20.0, 22.0, 11.0)]
     (tmp_path / "timed.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     out = gpu_check.summary(str(tmp_path))
-    assert out["median_gbps"] == {"safetensors": 5.0, "warmstart": 44.0}
+    assert out["median_gbps"] == {"safetensors": 5.0, "warmstart": 44.0,
+                                  "warmstart-python": 20.0}
+    assert out["native_loop_vs_python_path"] == 44.0 / 20.0
     assert out["warmstart_vs_safetensors"] == 44.0 / 5.0
     assert out["warmstart_vs_ceiling"] == 44.0 / 50.0
     assert out["first_load"] == {"ring_pinned": True}
@@ -55,3 +58,18 @@ def test_first_call_benchmark_runs_and_summarizes(tmp_path):
     assert out["warmstart"]["seconds"] == statistics.median(
         [rows[1]["seconds"], rows[1]["seconds"] * 3])
     assert out["warmstart_vs_safetensors"] > 0
+
+
+def test_loop_cpu_benchmark_runs_both_paths_on_the_double(capsys):
+    """benchmarks/loop_cpu.py (event-loop CPU per chunk on the CUDA double), tiny: both
+    paths ran the same chunks in fresh processes; the figures are its run's, not asserted."""
+    from warmstart.benchmarks import loop_cpu
+
+    assert loop_cpu.main(["--size", "4MiB", "--chunks", "64KiB,1MiB", "--runs", "1"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert "not a GPU" in out["measured_on"]
+    for kind in ("python", "native"):
+        chunks = out["medians"][kind]["chunks"]
+        assert chunks[str(64 << 10)] > chunks[str(1 << 20)] > 0
+    native = [r for r in out["runs"] if r["kind"] == "native"]
+    assert all(0 < r["wakeups"] <= r["tensors"] for r in native)

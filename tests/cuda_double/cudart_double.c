@@ -13,7 +13,10 @@
  * memory, and hazards: a source written while its copy was pending (its checksum at the call
  * differs from the bytes copied) or host memory freed under a pending copy.
  * Knobs: CUDA_DOUBLE_DEVICES (2), CUDA_DOUBLE_COPY_DELAY_US (100: each copy waits this long
- * before it runs, so a premature reuse of its source is seen), and the functions below.
+ * before it runs, so a premature reuse of its source is seen), and the functions below:
+ * pausing copies, failing pinned allocations above a size, failing the n-th cudaMemcpyAsync
+ * call (returned at the call) or the n-th copy as it runs (an asynchronous error, returned by
+ * the next synchronize or query of that stream's work, as a sticky device error would be).
  * Test code only: never shipped, never loaded unless a test names its path. */
 #define _GNU_SOURCE
 #include <pthread.h>
@@ -26,7 +29,7 @@
 typedef int cudaError_t;
 enum {
   kOk = 0, kInvalidValue = 1, kOutOfMemory = 2, kInvalidDevice = 101, kInvalidHandle = 400,
-  kNotReady = 600
+  kNotReady = 600, kIllegalAddress = 700
 };
 #define MAXDEV 8
 #define MAXTHREADS 512
@@ -68,6 +71,10 @@ static int ndev = -1;
 static long delay_us = 100;
 static int paused = 0;
 static size_t fail_above = 0;
+static long fail_call_at = 0, fail_run_at = 0;  /* 1-based: the n-th call / n-th copy run */
+static int fail_call_code = 0, fail_run_code = 0;
+static long copy_calls, copies_run;
+static int async_error = 0;  /* set by a failed copy run; returned by later syncs/queries */
 static Stream* legacy[MAXDEV];
 
 static __thread int cur_dev = 0;
@@ -150,7 +157,10 @@ static void* worker(void* arg) {
     while (s->head == NULL && !s->stop) pthread_cond_wait(&cv, &mu);
     if (s->head == NULL) break;
     Op* op = s->head;
-    if (op->kind == OP_COPY) {
+    if (op->kind == OP_COPY && fail_run_at != 0 && ++copies_run == fail_run_at) {
+      async_error = fail_run_code;  /* the copy never happens; the error surfaces later */
+      copies_done++;
+    } else if (op->kind == OP_COPY) {
       while (paused) pthread_cond_wait(&cv, &mu);
       pthread_mutex_unlock(&mu);
       if (delay_us > 0) usleep((useconds_t)delay_us);
@@ -235,6 +245,7 @@ const char* cudaGetErrorString(cudaError_t err) {
     case kInvalidDevice: return "invalid device ordinal";
     case kInvalidHandle: return "invalid resource handle";
     case kNotReady: return "device not ready";
+    case kIllegalAddress: return "an illegal memory access was encountered";
     default: return "unrecognized error code";
   }
 }
@@ -367,14 +378,19 @@ cudaError_t cudaStreamSynchronize(void* handle) {
   touch("cudaStreamSynchronize");
   Stream* s = stream_of(handle);
   while (s->head != NULL) pthread_cond_wait(&cv, &mu);
+  cudaError_t err = async_error;
   pthread_mutex_unlock(&mu);
-  return kOk;
+  return err;
 }
 
 cudaError_t cudaMemcpyAsync(void* dst, const void* src, size_t n, int kind, void* handle) {
   if (kind != 1) return kInvalidValue;  /* only host to device is used */
   pthread_mutex_lock(&mu);
   touch("cudaMemcpyAsync");
+  if (fail_call_at != 0 && ++copy_calls == fail_call_at) {
+    pthread_mutex_unlock(&mu);
+    return fail_call_code;
+  }
   Op* op = (Op*)calloc(1, sizeof(Op));
   op->kind = OP_COPY;
   op->dst = dst;
@@ -445,7 +461,7 @@ cudaError_t cudaEventQuery(void* event) {
   pthread_mutex_lock(&mu);
   touch("cudaEventQuery");
   Event* ev = (Event*)event;
-  cudaError_t err = ev->completed >= ev->recorded ? kOk : kNotReady;
+  cudaError_t err = ev->completed >= ev->recorded ? async_error : kNotReady;
   pthread_mutex_unlock(&mu);
   return err;
 }
@@ -457,8 +473,9 @@ cudaError_t cudaEventSynchronize(void* event) {
   Event* ev = (Event*)event;
   uint64_t want = ev->recorded;
   while (ev->completed < want) pthread_cond_wait(&cv, &mu);
+  cudaError_t err = async_error;
   pthread_mutex_unlock(&mu);
-  return kOk;
+  return err;
 }
 
 cudaError_t cudaEventDestroy(void* event) {
@@ -481,6 +498,8 @@ void cuda_double_reset(void) {
   events_created = events_blocking = host_alloc_failures = 0;
   waits_for_stream_count = 0;
   fail_above = 0;
+  fail_call_at = fail_run_at = copy_calls = copies_run = 0;
+  fail_call_code = fail_run_code = async_error = 0;
   pthread_mutex_unlock(&mu);
 }
 
@@ -572,5 +591,24 @@ void cuda_double_release(void* handle) {
   Stream* s = stream_of(handle);
   s->releases = s->holds;
   pthread_cond_broadcast(&cv);
+  pthread_mutex_unlock(&mu);
+}
+
+/* The n-th cudaMemcpyAsync call from now returns `code` (nothing is queued); 0: never. */
+void cuda_double_fail_copy_call(long n, int code) {
+  pthread_mutex_lock(&mu);
+  fail_call_at = n;
+  fail_call_code = code;
+  copy_calls = 0;
+  pthread_mutex_unlock(&mu);
+}
+
+/* The n-th copy to run from now fails on the device: later synchronizes and event queries
+ * return `code` (sticky, until cuda_double_reset). */
+void cuda_double_fail_copy_run(long n, int code) {
+  pthread_mutex_lock(&mu);
+  fail_run_at = n;
+  fail_run_code = code;
+  copies_run = 0;
   pthread_mutex_unlock(&mu);
 }

@@ -1,6 +1,7 @@
 """A Ray node set up by `warmstart ray-node setup`: the podman commands Ray 2.60 builds for
 `runtime_env={"image_uri": ...}` (taken from Ray's own image_uri plugin, not retyped), run
-as the non-root Ray user, start from the warmstart layer store."""
+as the non-root Ray user, start from the warmstart layer store; and (slow) a whole Serve
+deployment with `image_uri` whose replica streams its weights from S3 inside that image."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ import pytest
 from test_podman import PLAIN, LayerStore, _problem
 
 from warmstart.imageformat.convert import convert
+from warmstart.imageformat.layerstore import encode_reference
 from warmstart.imageformat.registry_store import RegistryStore
+from warmstart.imageformat.testimage import SITE
 
 USER = "warmstart-ray"
 
@@ -105,20 +108,35 @@ def test_ray_image_uri_commands_start_from_the_layer_store(registry_images, tmp_
 
 
 RAY_PACKAGES = os.environ.get("WARMSTART_TEST_RAY_SITE", "/tmp/ws-raypkgs/site")
+IN_IMAGE = f"/{SITE}/"
 
 SERVE_APP = """
-import json, os, sys
+import hashlib, json, os, sys
 import ray
 from ray import serve
-ray.init(_temp_dir=sys.argv[2], include_dashboard=False, num_cpus=2)
-serve.start(http_options={"host": "127.0.0.1", "port": int(sys.argv[3])})
+from warmstart.ray_serve import preload
+image, ray_tmp, port, uri, env = sys.argv[1:6]
+ray.init(_temp_dir=ray_tmp, include_dashboard=False, num_cpus=2)
+serve.start(http_options={"host": "127.0.0.1", "port": int(port)})
 
-@serve.deployment(ray_actor_options={"runtime_env": {"image_uri": sys.argv[1]}})
+@serve.deployment(ray_actor_options={"runtime_env": {"image_uri": image,
+                                                     "env_vars": json.loads(env)}})
+@preload(uri, sharing={"mode": "off"})
 class InImage:
+    def __init__(self, weights):
+        self.weights = weights
+
     def __call__(self):
+        import torch
+        import warmstart._native
+        digests = {}
+        for name, t in self.weights.items():
+            raw = t.contiguous().view(torch.uint8) if t.numel() else b""
+            digests[name] = hashlib.sha256(bytes(raw.numpy()) if t.numel() else raw).hexdigest()
         with open("/etc/os-release") as f:
             return {"uid": os.getuid(), "container": os.path.exists("/run/.containerenv"),
-                    "os": f.read().strip()}
+                    "os": f.read().strip(), "torch": torch.__file__,
+                    "native": warmstart._native.__file__, "digests": digests}
 
 handle = serve.run(InImage.bind(), name="lazy", route_prefix=None)
 print("ANSWER " + json.dumps(handle.remote().result(timeout_s=600)), flush=True)
@@ -127,76 +145,69 @@ ray.shutdown()
 """
 
 
-def _add_stdlib_libs(root: str) -> None:
-    """The system libraries the stdlib's extension modules link against (libffi for ctypes,
-    which Ray imports, libssl, ...), copied from this machine when the image lacks them."""
-    from warmstart.imageformat.testimage import _libs
-    dynload = os.path.join(root, "usr/lib/python3.11/lib-dynload")
-    for name in sorted(os.listdir(dynload)):
-        try:
-            libs = _libs(os.path.join(dynload, name))
-        except subprocess.CalledProcessError:
-            continue
-        for lib in libs:
-            if not lib.startswith(("/lib/", "/usr/lib/", "/lib64/")):
-                continue
-            rel = lib.lstrip("/")
-            rel = "usr/" + rel if rel.startswith(("lib/", "lib64/")) else rel
-            dest = os.path.join(root, rel)
-            if not os.path.exists(dest):
-                os.makedirs(os.path.dirname(dest), exist_ok=True)
-                shutil.copy2(os.path.realpath(lib), dest)
+def build_replica_image(base, host: str, repo: str) -> str:
+    """The replica image (`testimage.build_replica_layout`: python3.11 + Ray, then torch +
+    warmstart), pushed to `host/repo:v1`."""
+    from imageformat_helpers import run
+
+    from warmstart.imageformat.testimage import build_replica_layout
+    layout, _ = build_replica_layout(str(base), RAY_PACKAGES)
+    image = f"{host}/{repo}:v1"
+    run("skopeo", "--insecure-policy", "copy", "--dest-tls-verify=false", f"oci:{layout}:v1",
+        f"docker://{image}", timeout=900)
+    shutil.rmtree(layout)
+    return image
 
 
 @pytest.mark.slow
-def test_serve_deployment_with_image_uri_starts_from_the_layer_store(registry, tmp_path):
-    """A Serve replica with `image_uri`: Ray (run as the set-up user) has podman start it in
-    an image holding Debian's python3.11 and Ray 2.60 from PyPI, pulled through the layer
-    store. The image is built offline from this machine's Debian python and the PyPI wheels
-    pip put in RAY_PACKAGES (`pip install --target DIR "ray[serve]==2.60.0"`)."""
+def test_serve_replica_in_image_uri_streams_its_weights(registry, localbucket, tmp_path):
+    """A Serve replica with `image_uri` whose class is wrapped in `@preload`: Ray (run as the
+    set-up user) has podman start it in an image pulled through the layer store, holding
+    Debian's python3.11, Ray 2.60, torch and warmstart; inside the container `preload` streams
+    a sharded checkpoint from the S3 server on 127.0.0.1 (host networking) before the
+    replica's `__init__`. The replica answers with a digest of every tensor: bit-identical to
+    safetensors' own read of the checkpoint. The image is built offline from this machine's
+    Debian python and the PyPI wheels pip put in RAY_PACKAGES (`pip install --target DIR
+    "ray[serve]==2.60.0"`)."""
+    import hashlib
     import pathlib
     import socket
     import tempfile
 
     from warmstart.cli import main
-    from warmstart.imageformat.testimage import (add_full_stdlib, add_shared_libs,
-                                                 build_python_rootfs, have_system_python)
+    from warmstart.imageformat.testimage import add_warmstart, have_system_python
+    from warmstart.testing.checkpoints import make_checkpoint
+    from warmstart.testing.faultproxy import FaultProxy
     if not have_system_python() or not os.path.isdir(os.path.join(RAY_PACKAGES, "ray")):
         pytest.skip(f"needs Debian's python3.11 and ray[serve] installed in {RAY_PACKAGES}")
-    if shutil.which("umoci") is None:
-        pytest.skip("umoci is not installed")
+    if any(shutil.which(b) is None for b in ("umoci", "chroot", "unshare")):
+        pytest.skip("umoci, chroot and unshare are needed to build the image")
+    if shutil.which("fuse-overlayfs") is None:
+        pytest.skip("fuse-overlayfs is not installed (Debian package fuse-overlayfs): without "
+                    "it podman copies the whole lazy image for Ray's --userns=keep-id")
+    safetensors = pytest.importorskip("safetensors.torch")
+    import torch
     host, _ = registry
-    base = pathlib.Path(tempfile.mkdtemp(prefix="warmstart-serve-", dir="/tmp"))
-    os.chmod(base, 0o755)
-    root = str(base / "rootfs")
-    build_python_rootfs(root)
-    add_full_stdlib(root)
-    os.symlink("python3.11", os.path.join(root, "usr/bin/python"))
-    shutil.copytree(RAY_PACKAGES, os.path.join(root, "usr/lib/python3/dist-packages"),
-                    symlinks=True, dirs_exist_ok=True,
-                    ignore=shutil.ignore_patterns("__pycache__"))
-    add_shared_libs(root)
-    _add_stdlib_libs(root)
-    os.makedirs(os.path.join(root, "tmp"), exist_ok=True)
-    os.chmod(os.path.join(root, "tmp"), 0o1777)
-    layout = str(base / "layout")
-    from imageformat_helpers import run
-    run("umoci", "init", "--layout", layout)
-    run("umoci", "new", "--image", f"{layout}:v1")
-    run("umoci", "unpack", "--image", f"{layout}:v1", str(base / "bundle"))
-    run("cp", "-a", f"{root}/.", str(base / "bundle" / "rootfs"))
-    run("umoci", "repack", "--image", f"{layout}:v1", str(base / "bundle"), timeout=600)
-    image = f"{host}/rayserve:v1"
-    run("skopeo", "--insecure-policy", "copy", "--dest-tls-verify=false", f"oci:{layout}:v1",
-        f"docker://{image}", timeout=600)
-    with RegistryStore.open_registry(f"docker://{host}/rayserve", PLAIN) as s:
-        convert(f"docker://{image}", s, "v1", registry=PLAIN)
+    ckpt = make_checkpoint(tmp_path / "ckpt", 24 << 20, shards=2)
+    localbucket.create_bucket("serve-image")
+    localbucket.upload_tree(ckpt, "serve-image", "ckpt")
+    want = {}
+    for path in sorted(ckpt.glob("*.safetensors")):
+        for name, t in safetensors.load_file(path).items():
+            raw = bytes(t.contiguous().view(torch.uint8).numpy()) if t.numel() else b""
+            want[name] = hashlib.sha256(raw).hexdigest()
+    ckpt_bytes = sum(p.stat().st_size for p in ckpt.glob("*.safetensors"))
     try:
         pwd.getpwnam(USER)
     except KeyError:
         subprocess.run(["useradd", "-m", USER], check=True)
+    base = pathlib.Path(tempfile.mkdtemp(prefix="warmstart-serve-", dir="/tmp"))
+    os.chmod(base, 0o755)  # the Ray user reaches the layer store, its tmp dir, the driver
     store = None
     try:
+        image = build_replica_image(base, host, "rayserve")
+        with RegistryStore.open_registry(f"docker://{host}/rayserve", PLAIN) as s:
+            convert(f"docker://{image}", s, "v1", registry=PLAIN)
         assert main(["ray-node", "setup", "--user", USER, "--layer-store",
                      str(base / "layers"), "--insecure-registry", host]) == 0
         store = LayerStore(base, "--map-user", USER)
@@ -208,13 +219,49 @@ def test_serve_deployment_with_image_uri_starts_from_the_layer_store(registry, t
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
-        out = _as_user(f"PYTHONPATH={RAY_PACKAGES} /usr/bin/python3.11 {app} {image} "
-                       f"{ray_tmp} {port}", timeout=900)
+        # the driver needs warmstart's torch-free `preload` too: the same copy, on the host
+        add_warmstart(str(base / "driver"))
+        with FaultProxy(localbucket.endpoint) as s3:
+            env = {**localbucket.env(), "AWS_ENDPOINT_URL": s3.endpoint}
+            # Ray kills a worker not registered within 60 s and starts it again (image pull
+            # included); a cold lazy start of Ray + torch on two busy cores can take longer
+            out = _as_user(
+                "RAY_worker_register_timeout_seconds=600 "
+                "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S=300 "
+                "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S=300 "
+                f"PYTHONPATH={RAY_PACKAGES}:{base / 'driver' / SITE} /usr/bin/python3.11 "
+                f"{app} {image} {ray_tmp} {port} s3://serve-image/ckpt/ '{json.dumps(env)}'",
+                timeout=900)
+            s3.wait_idle(60)
+            read = sum(n for key, n in s3.stats().bytes_by_key.items()
+                       if key.endswith(".safetensors"))
         answer = [ln for ln in out.stdout.splitlines() if ln.startswith("ANSWER ")]
         assert out.returncode == 0 and answer, (out.stdout[-3000:], out.stderr[-5000:])
         got = json.loads(answer[0][len("ANSWER "):])
         assert got["container"] and got["uid"] == pwd.getpwnam(USER).pw_uid
-        assert "in use" in store.text()  # podman took the image's layers from the store
+        assert got["torch"].startswith(IN_IMAGE) and got["native"].startswith(IN_IMAGE)
+        assert got["digests"] == want  # every tensor bit-identical to safetensors' read
+        assert ckpt_bytes * 0.9 <= read <= ckpt_bytes * 1.5, \
+            f"the replica read {read} bytes of a {ckpt_bytes}-byte checkpoint from S3"
+        # every layer of the image is the layer store's: the user's podman storage links
+        # each layer's diff to the store, and holds no layer of its own (nothing was
+        # downloaded or unpacked, and no copy with owners shifted for keep-id was made)
+        with RegistryStore.open_registry(f"docker://{host}/rayserve", PLAIN) as s:
+            layers = [d["digest"] for d in
+                      json.loads(s.client.get_manifest("rayserve", "v1")[0])["layers"]]
+        assert len(layers) == 2
+        overlay = pathlib.Path(pwd.getpwnam(USER).pw_dir) / ".local/share/containers/storage" \
+            / "overlay"
+        diffs = [overlay / n / "diff" for n in os.listdir(overlay)
+                 if (overlay / n / "diff").exists()]
+        prefix = os.path.join(store.dir, encode_reference(image))
+        assert sorted(os.readlink(d) for d in diffs if d.is_symlink()) == \
+            sorted(f"{prefix}/{d}/diff" for d in layers)
+        # the other layers are the containers' own writable ones (Ray's worker containers
+        # are not started with --rm), one each
+        containers = _as_user("podman ps -aq").stdout.split()
+        assert len([d for d in diffs if not d.is_symlink()]) == len(containers)
+        assert "in use" in store.text()  # the container ran on the store's lazy mount
     finally:
         _as_user("podman rm -af; podman system reset -f")
         if store is not None:

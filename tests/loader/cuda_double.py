@@ -46,6 +46,8 @@ class Double:
                 ("cuda_double_context", [ctypes.c_int], ctypes.c_int),
                 ("cuda_double_fail_host_alloc_above", [sz], None),
                 ("cuda_double_pause_copies", [ctypes.c_int], None),
+                ("cuda_double_fail_copy_call", [ctypes.c_long, ctypes.c_int], None),
+                ("cuda_double_fail_copy_run", [ctypes.c_long, ctypes.c_int], None),
                 ("cuda_double_watch_stream", [vp], None),
                 ("cuda_double_hold", [vp], None),
                 ("cuda_double_release", [vp], None),
@@ -107,6 +109,15 @@ class Double:
 
     def pause_copies(self, on: bool) -> None:
         self.lib.cuda_double_pause_copies(int(on))
+
+    def fail_copy_call(self, n: int, code: int) -> None:
+        """The n-th cudaMemcpyAsync call from now returns `code`."""
+        self.lib.cuda_double_fail_copy_call(n, code)
+
+    def fail_copy_run(self, n: int, code: int) -> None:
+        """The n-th copy to run from now fails on the "device": synchronizes and event
+        queries return `code` afterwards (sticky until reset)."""
+        self.lib.cuda_double_fail_copy_run(n, code)
 
     def fail_host_alloc_above(self, nbytes: int) -> None:
         self.lib.cuda_double_fail_host_alloc_above(nbytes)

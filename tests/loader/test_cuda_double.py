@@ -26,9 +26,10 @@ from cuda_double import Double, DoubleMemory, build_double
 from test_oracle import TINY, assert_same
 from warmstart import _native
 from warmstart.errors import ConfigError, CudaUnavailable, SourceError
-from warmstart.loader import LoaderConfig, aload, astream, load, stream
+from warmstart.loader import LoaderConfig, aload, astream, load, native_loop, stream
 from warmstart.loader.copy import CudaCopyEngine, runtime_candidates
 from warmstart.loader.memory import PINNED
+from warmstart.loader.sources.base import Source
 from warmstart.testing.checkpoints import make_checkpoint
 
 HERE = Path(__file__).resolve().parent
@@ -291,7 +292,7 @@ def test_cancelled_gpu_load_waits_for_its_copies(dbl, mem, ckpt):
     no_hazards(dbl)
 
 
-def test_failures_are_clean_and_the_next_load_works(dbl, mem, ckpt, monkeypatch):
+def test_failures_are_clean_and_the_next_load_works(dbl, mem, ckpt):
     path, _ = ckpt
     cfg = cfg_for(dbl)
     with pytest.raises(CudaUnavailable, match="cuda:5"):
@@ -305,23 +306,29 @@ def test_failures_are_clean_and_the_next_load_works(dbl, mem, ckpt, monkeypatch)
                      _device_memory=mem), oracle(path))
     assert dbl.stat("pinned_bytes") < 64 << 20
 
-    from warmstart.loader.sources.local import LocalFileSource
-    read = LocalFileSource.read_into
+    # a wrapped source takes the Python staged path (the native loop reads local files
+    # only): a read failing there is clean too
     calls = [0]
 
-    async def failing(self, offset, target):
-        calls[0] += 1
-        if calls[0] == 12:
-            raise SourceError(5, f"{self.name}: injected failure at {offset}")
-        return await read(self, offset, target)
+    class Failing(Source):
+        def __init__(self, inner):
+            self.inner, self.name, self.alignment = inner, inner.name, inner.alignment
 
-    with monkeypatch.context() as m:
-        m.setattr(LocalFileSource, "read_into", failing)
-        with pytest.raises(SourceError, match="injected"):
-            load(str(path), "cuda:1", config=cfg, _device_memory=mem)
+        async def size(self):
+            return await self.inner.size()
+
+        async def read_into(self, offset, target):
+            calls[0] += 1
+            if calls[0] == 12:
+                raise SourceError(5, f"{self.name}: injected failure at {offset}")
+            await self.inner.read_into(offset, target)
+
+    with pytest.raises(SourceError, match="injected"):
+        load(str(path), "cuda:1", config=cfg, _device_memory=mem, wrap_source=Failing)
     it = stream(str(path), "cuda:1", config=cfg, _device_memory=mem)
     next(it)
     it.close()  # break out of stream()
+    assert native_loop.last_stats()["slots_in_use"] == 0
     assert_same(load(str(path), "cuda:1", config=cfg, _device_memory=mem), oracle(path))
     assert dbl.stat("done") == dbl.stat("enqueued")
     no_hazards(dbl)
@@ -368,5 +375,29 @@ def test_gpu_check_loads_of_odd_sizes_are_identical_on_the_double(dbl, mem, tmp_
     got = load(made["path"], "cuda:1", config=cfg_for(dbl, LoaderConfig(
         chunk_size=1 << 20, memory_budget=4 << 20, mmap=False), **opts), _device_memory=mem)
     assert gpu_check._same(got, gpu_check._reference(made["path"], "cpu"))
+    stats = native_loop.last_stats()  # through the native copy loop
+    assert stats["chunks_done"] == stats["copies"] >= 48 and stats["slots_in_use"] == 0
     assert dbl.stat("pageable") == 0
+    no_hazards(dbl)
+
+
+def test_gpu_check_cancel_step_reports_a_load_that_fails_before_a_quarter(dbl, mem,
+                                                                          tmp_path_factory):
+    """benchmarks/gpu_check's cancel step waits for a quarter of the bytes; a load that fails
+    before that (here its first destination allocation) is that step's error, not a wait that
+    never ends (which would eat the rest of the GPU machine's 10 minutes)."""
+    from warmstart.benchmarks import gpu_check
+
+    made = gpu_check.make(str(tmp_path_factory.mktemp("quarter")), 8 << 20)
+    mem.fail_alloc_after = 0
+    cfg = cfg_for(dbl, LoaderConfig(chunk_size=1 << 20, memory_budget=4 << 20, mmap=False))
+
+    async def main():
+        step = gpu_check.cancel_at_a_quarter(made["path"], "cuda:1", made["bytes"], config=cfg,
+                                             _device_memory=mem)
+        return await asyncio.wait_for(step, 60)  # generous: a hang fails, never blocks
+
+    with pytest.raises(torch.OutOfMemoryError):
+        asyncio.run(main())
+    assert native_loop.last_stats()["slots_in_use"] == 0
     no_hazards(dbl)

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from test_oracle import TINY, assert_same
 from warmstart import _native
-from warmstart.loader import LoaderConfig, load, stream
+from warmstart.loader import LoaderConfig, load, native_loop, stream
 
 pytestmark = [
     pytest.mark.gpu,
@@ -30,6 +30,8 @@ def test_cuda_matches_oracle(checkpoint, layout, config):
     got = load(str(root / layout), "cuda:0", config=config)
     assert all(t.device.type == "cuda" for t in got.values())
     assert_same({k: v.cpu() for k, v in got.items()}, tensors)
+    stats = native_loop.last_stats()  # local files: through the native copy loop
+    assert stats["chunks_done"] == stats["copies"] > 0 and stats["slots_in_use"] == 0
 
 
 def test_cuda_stream_and_safetensors_agree(checkpoint):

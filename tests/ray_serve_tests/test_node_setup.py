@@ -18,6 +18,8 @@ def test_plan_writes_podman_config_for_the_user_and_adds_missing_ranges():
     files = dict(plan.files)
     storage = files["/home/ray/.config/containers/storage.conf"]
     assert 'additionallayerstores = ["/var/lib/warmstart/layers:ref"]' in storage
+    # owners shifted by fuse-overlayfs: no chowned copy of a lazy image for keep-id
+    assert 'mount_program = "/usr/bin/fuse-overlayfs"' in storage
     containers = files["/home/ray/.config/containers/containers.conf"]
     for line in ('runtime = "runc"', 'cgroup_manager = "cgroupfs"', 'events_logger = "file"',
                  'netns = "host"', '"nofile=20000:20000"', '"nproc=4096:4096"'):
@@ -27,11 +29,23 @@ def test_plan_writes_podman_config_for_the_user_and_adds_missing_ranges():
     # subuid lacked the user: a range above every existing one; subgid had it: untouched
     assert plan.subid_lines == (("/etc/subuid", "ray:165536:65536"),)
     assert plan.mount_mqueue and plan.share_root
+    assert not plan.open_fuse  # /dev/fuse is 0666 by default
 
 
 def test_plan_is_idempotent_on_a_set_up_node():
     plan = plan_setup(S, "ray:100000:65536\n", "1001:100000:65536\n", True, True)
     assert plan.subid_lines == () and not plan.mount_mqueue and not plan.share_root
+    assert not plan.open_fuse
+
+
+def test_fuse_overlayfs_needs_dev_fuse_open_to_the_user():
+    assert plan_setup(S, "", "", True, True, fuse_mode=0o600).open_fuse
+    # without fuse-overlayfs: kernel overlay, /dev/fuse left alone, and a note says the cost
+    bare = plan_setup(NodeSetup("ray", "/home/ray", 1001, 1001, "/l", mount_program=None),
+                      "", "", True, True, fuse_mode=0o600)
+    assert not bare.open_fuse and "mount_program" not in dict(bare.files)[
+        "/home/ray/.config/containers/storage.conf"]
+    assert any("fuse-overlayfs" in note for note in bare.notes)
 
 
 def test_root_and_bad_inputs_are_refused():
