@@ -253,6 +253,7 @@ async def aload(uri: str, device: str | torch.device = "cpu", *,
         # The error's traceback holds this frame: without this, a caller that keeps the error
         # would keep every tensor loaded so far (and their groups' memory) alive with it.
         out.clear()
+        tensor = None  # noqa: F841 - the last one handed over, still bound here
         raise
     return out
 
