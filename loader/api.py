@@ -29,7 +29,10 @@ from warmstart.storage.progress import Counter, Progress
 
 log = logging.getLogger("warmstart.loader")
 _DONE = object()
-STREAM_GROUPS_AHEAD = 2  # stream(): groups allocated beyond the one being consumed
+# stream(): groups of destination memory held at once, the one being consumed included. A
+# group counts until the consumer has asked for a tensor after one of a later group, so a
+# consumer that keeps only its latest tensor holds no more than this many groups.
+STREAM_GROUPS = 2
 
 
 def resolve_config(config: LoaderConfig | None, options: dict) -> LoaderConfig:
@@ -78,7 +81,7 @@ async def astream(uri: str, device: str | torch.device = "cpu", *,
                   names: Iterable[str] | None = None, dtype: torch.dtype | None = None,
                   config: LoaderConfig | None = None,
                   progress: Progress | None = None,
-                  _groups_ahead: int | None = STREAM_GROUPS_AHEAD,
+                  _groups: int | None = STREAM_GROUPS,
                   _device_memory: DeviceMemory | None = None,
                   _cuda: CudaTarget | None = None,
                   wrap_source: SourceWrapper | None = None,
@@ -156,7 +159,9 @@ async def astream(uri: str, device: str | torch.device = "cpu", *,
                 stack.callback(engine.close)
             dest = Destination(plan, host_tensor)
         ready: asyncio.Queue = asyncio.Queue()
-        window = asyncio.Semaphore(_groups_ahead) if _groups_ahead else None
+        if _groups is not None and _groups < 2:  # the group being consumed holds one
+            raise ValueError("a stream holds at least two groups")
+        window = asyncio.Semaphore(_groups) if _groups else None
         total = plan.read_bytes
         on_progress = Counter(total, progress).add
 
@@ -174,30 +179,47 @@ async def astream(uri: str, device: str | torch.device = "cpu", *,
 
         runner = asyncio.get_running_loop().create_task(drive())
         left_in_group = {g.index: len(g.tensors) for g in plan.groups}
+        finished: set[int] = set()  # groups handed out whole, still counted in the window
         try:
             while True:
                 item = await ready.get()
                 if item is _DONE:
                     break
                 if isinstance(item, BaseException):
-                    raise item
+                    try:
+                        raise item
+                    finally:  # this frame is in its traceback: no reference cycle
+                        del item
                 t = plan.tensors[item]
-                buf = dest.buffer(t.group)
                 with cuda.memory.on_stream(cuda.stream) if cuda else contextlib.nullcontext():
-                    tensor = _as_tensor(buf[t.offset:t.offset + t.nbytes], t.dtype, t.shape,
-                                        dtype)
+                    tensor = _as_tensor(dest.buffer(t.group)[t.offset:t.offset + t.nbytes],
+                                        t.dtype, t.shape, dtype)
                 left_in_group[t.group] -= 1
                 if left_in_group[t.group] == 0:
                     dest.release(t.group)  # the views keep the memory alive
+                group = t.group
                 yield t.name, tensor
-                if left_in_group[t.group] == 0 and window is not None:
-                    window.release()
+                del tensor
+                if window is not None:
+                    # Back for more: the consumer may still hold the tensor it just got, but
+                    # none of another group, so every other group handed out whole is done.
+                    for done in finished - {group}:
+                        finished.discard(done)
+                        window.release()
+                    if left_in_group[group] == 0:
+                        finished.add(group)
         finally:
             if not runner.done():
                 runner.cancel()
             # Only once the pipeline has waited for its reads and copies may the exit stack
             # free the ring and close the sources, so this wait survives a cancellation.
             await settle(runner)
+            # A failure left in the queue (the consumer stopped first) holds, through its
+            # traceback, the pipeline's frames and so the destination: drop both now rather
+            # than at the next cyclic GC.
+            while not ready.empty():
+                ready.get_nowait()
+            dest.release_all()
         _log_done(len(plan.tensors), total, uri, dev, started,
                   "staged" if staged else "read in place")
 
@@ -227,11 +249,18 @@ async def aload(uri: str, device: str | torch.device = "cpu", *,
                 _cuda: CudaTarget | None = None, **options) -> dict[str, torch.Tensor]:
     """Loads every (or each named) tensor; returns only once all of them have landed."""
     out: dict[str, torch.Tensor] = {}
-    async for name, tensor in astream(uri, device, names=names, dtype=dtype, config=config,
-                                      progress=progress, _groups_ahead=None,
-                                      _device_memory=_device_memory, _cuda=_cuda,
-                                      wrap_source=wrap_source, **options):
-        out[name] = tensor
+    try:
+        async for name, tensor in astream(uri, device, names=names, dtype=dtype,
+                                          config=config, progress=progress, _groups=None,
+                                          _device_memory=_device_memory, _cuda=_cuda,
+                                          wrap_source=wrap_source, **options):
+            out[name] = tensor
+    except BaseException:
+        # The error's traceback holds this frame: without this, a caller that keeps the error
+        # would keep every tensor loaded so far (and their groups' memory) alive with it.
+        out.clear()
+        tensor = None  # noqa: F841 - the last one handed over, still bound here
+        raise
     return out
 
 

@@ -9,8 +9,9 @@ are then in memory once, not in the page cache and a copy. So when every file of
 is local, batches of about `group_size` bytes are mapped private and copy-on-write (writes to a
 tensor never reach the file, nor other processes) and made resident with `MADV_POPULATE_READ`
 by `POPULATE_THREADS` worker threads, each on its own part of the batch, in file order (the next
-batch is made resident while the consumer takes the current one); each tensor is handed out as
-a view once its batch is resident, and a batch's mapping goes away with the last of its tensors.
+batch is made resident while the consumer takes the current one, from the moment it has taken
+the current one's first tensor); each tensor is handed out as a view once its batch is resident,
+and a batch's mapping goes away with the last of its tensors.
 
 What the caller gives up: the tensors share the page cache's pages, so a file truncated while
 its tensors are alive makes access to the lost pages fail with SIGBUS, as with any mapping
@@ -100,7 +101,7 @@ async def stream_mapped(sources: Sequence[LocalFileSource], headers: Sequence[He
     try:
         for k, (f, members) in enumerate(batches):
             mapping = await pending
-            pending = loop.create_task(prepare(k + 1)) if k + 1 < len(batches) else None
+            pending = None
             start, end = span(batches[k])
             done += end - start
             if progress is not None:
@@ -118,6 +119,10 @@ async def stream_mapped(sources: Sequence[LocalFileSource], headers: Sequence[He
                                         f"{headers[f].data_start + t.end} bytes while it was "
                                         f"being loaded (tensor {t.name!r})")
                 yield t, view[base + t.begin:base + t.end]
+                if pending is None and k + 1 < len(batches):
+                    # Back after a tensor of this batch: the consumer holds none of the
+                    # previous batch any more, so mapping the next keeps it at two batches.
+                    pending = loop.create_task(prepare(k + 1))
             del view
     finally:
         if pending is not None:  # it touches only its own mapping; let it finish

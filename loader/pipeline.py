@@ -46,6 +46,10 @@ class Destination:
     def release(self, group: int) -> None:
         self.buffers.pop(group, None)
 
+    def release_all(self) -> None:
+        """Drops every buffer still held (tensors handed out keep theirs alive)."""
+        self.buffers.clear()
+
 
 async def settle(tasks: set[asyncio.Task] | asyncio.Task) -> None:
     """Waits until every task has finished, even when we are cancelled meanwhile (their
@@ -61,7 +65,10 @@ async def settle(tasks: set[asyncio.Task] | asyncio.Task) -> None:
         except asyncio.CancelledError as exc:
             cancelled = exc
     if cancelled is not None:
-        raise cancelled
+        try:
+            raise cancelled
+        finally:  # this frame is in its traceback: holding it would make a reference cycle
+            del cancelled
 
 
 def _align_down(value: int, to: int) -> int:
@@ -136,6 +143,7 @@ async def execute(plan: ReadPlan, sources: Sequence[Source], dest: Destination, 
                 if remaining[t] == 0:
                     on_tensor(t)
         except BaseException as exc:  # noqa: BLE001 - recorded, re-raised by execute()
+            buf = None  # this frame lives on in the error's traceback: not the buffer
             failures.append(exc)
             failed.set()
         finally:
@@ -163,4 +171,11 @@ async def execute(plan: ReadPlan, sources: Sequence[Source], dest: Destination, 
         await settle(in_flight)
         failures.extend(asyncio.CancelledError() for t in in_flight if t.cancelled())
     if failures:
-        raise failures[0]
+        # Each failure's traceback holds a frame that holds this list (and the destination):
+        # dropped before the raise, so nothing here waits for the cyclic GC.
+        first = failures[0]
+        failures.clear()
+        try:
+            raise first
+        finally:
+            del first

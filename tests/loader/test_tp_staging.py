@@ -2,7 +2,7 @@
 rank's tensors land in host memory, so the loader moves no byte to the device and holds no
 device memory (vLLM's weight loaders narrow on the host and copy only the rank's share);
 without TP they land on the GPU through the staged pipeline, holding at most
-`STREAM_GROUPS_AHEAD + 1` groups of device memory at a time.
+`STREAM_GROUPS` groups of device memory at a time.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from cuda_double import DoubleMemory  # noqa: E402
 from test_cuda_double import cfg_for, no_hazards, oracle  # noqa: E402
 from test_oracle import assert_same  # noqa: E402
 from warmstart.loader import LoaderConfig  # noqa: E402
-from warmstart.loader.api import STREAM_GROUPS_AHEAD  # noqa: E402
+from warmstart.loader.api import STREAM_GROUPS  # noqa: E402
 from warmstart.testing.checkpoints import make_checkpoint  # noqa: E402
 from warmstart.vllm_plugin.model_loader import plan_staging, weights_stream  # noqa: E402
 from warmstart.vllm_plugin.options import parse_extra_config  # noqa: E402
@@ -111,10 +111,10 @@ def test_without_tp_the_gpu_path_holds_a_bounded_number_of_groups(dbl, ckpt):
     assert staging.device == torch.device("cuda", 1)
     assert_same(got, want)
     assert sum(a[1] for a in mem.allocs) >= total  # every byte went to the device
-    assert total > (STREAM_GROUPS_AHEAD + 1) * GROUP  # so the bound below means something
+    assert total > (STREAM_GROUPS + 1) * GROUP  # so the bound below means something
     biggest = max(a[1] for a in mem.allocs)
-    # the group being consumed (its last tensor still referenced), and the ones ahead
-    assert biggest < mem.peak <= (STREAM_GROUPS_AHEAD + 1) * biggest
+    # the group being consumed (its latest tensor still referenced) and the one ahead
+    assert biggest < mem.peak <= STREAM_GROUPS * biggest
     assert dbl.stat("done") == dbl.stat("enqueued") > 0
     assert dbl.stat("pageable") == 0
     no_hazards(dbl)

@@ -91,6 +91,9 @@ def iterate(agen: AsyncIterator[T]) -> Iterator[T]:
             try:
                 item = future.result()
             except StopAsyncIteration:
+                # The future holds the error, whose traceback holds this frame (and its last
+                # item): dropped here, so the frame goes now, not at the next cyclic GC.
+                del future
                 return
             except BaseException:
                 future.cancel()
