@@ -228,6 +228,8 @@ class NodeLanding:
         landed = self.lander.landed()
         self.lander.close()
         self._threads.shutdown(wait=False, cancel_futures=True)
+        if self.gateway is None and not any(landed.values()):
+            return  # nothing landed (the load failed early): nothing to keep
         from warmstart.ray_serve.node_actor import ensure_gateway
 
         try:
