@@ -101,7 +101,8 @@ class Gateway:
                                            thread_name_prefix="warmstart-landing")
         self.counters = {"s3_bytes": 0, "peer_bytes": 0, "cache_bytes": 0,
                          "peer_failures": 0, "digest_mismatches": 0, "s3_requests": 0,
-                         "s3_seconds": 0.0, "peer_seconds": 0.0, "landed_pieces": 0}
+                         "s3_seconds": 0.0, "peer_seconds": 0.0, "landed_pieces": 0,
+                         "rechecked_bytes": 0}
 
     def _count(self, name: str, n: float = 1) -> None:
         with self._lock:
@@ -222,9 +223,13 @@ class Gateway:
         entry = _Object(obj, file)
         trusted = trusted or {}
         for index, digest in file.recorded().items():  # a warm node: check once, then trust
-            if index < file.piece_count() and (trusted.get(index) == digest
-                                               or file.check(index, digest)):
-                entry.ready[index] = digest
+            if index >= file.piece_count():
+                continue
+            if trusted.get(index) != digest:
+                self._count("rechecked_bytes", file.piece_span(index)[1])
+                if not file.check(index, digest):
+                    continue
+            entry.ready[index] = digest
         warm = sum(file.piece_span(i)[1] for i in entry.ready)
         self._count("cache_bytes", warm)
         self._on_bytes("cache", warm)
