@@ -69,7 +69,8 @@ def _one(serve, n: int, method: str, uri: str, work: Path, run: str, cache: str,
          keep: bool = False):
     from warmstart.ray_serve.node_actor import stop_gateways
 
-    sharing = {"cache_dir": str(work / f"{cache}-{{node_id}}")}
+    # the N replica nodes share (the head node, which runs no replica, takes no part)
+    sharing = {"cache_dir": str(work / f"{cache}-{{node_id}}"), "node_resource": "bench_node"}
     deployment = serve.deployment(
         BenchReplica, name="bench", num_replicas=n,
         ray_actor_options={"num_cpus": 0, "resources": {"bench_node": 1}})
