@@ -1,6 +1,7 @@
 """One gateway per node: it lands a checkpoint's pieces on the node, and nodes share pieces.
 
-`Gateway` (plain Python, the logic; the Ray actor around it is `node_actor.NodeGateway`):
+`Gateway` (plain Python, the logic; the Ray actor around it is `node_actor.NodeGateway`, and
+a replica on a node whose gateway is not up yet runs one in its own process, see `replica`):
   * `prepare(uri)` lists the checkpoint's objects in object storage, creates their files in
     the node-local landing area (`landing`: 0700 folder, 0600 files, full size, sparse),
     lands small objects (indexes, sidecars) at once, and queues every piece of the large
@@ -15,6 +16,11 @@
   * `wait_ready(file, i)` blocks until piece i of a file is landed (or failed) and returns
     every landed index of that file: the replica's control channel.
 A gateway restarted on a warm node re-checks the recorded pieces against their digests once.
+Several processes of a node may land one checkpoint at once (the gateway actor and replicas
+landing while it starts): each piece is landed under its `claim` (a lock held across
+processes), and a lander that gets the claim first reads the record again, taking over what
+another process landed meanwhile (trusted as a gateway trusts its own pieces), so each piece
+is fetched once per node.
 """
 
 from __future__ import annotations
@@ -95,7 +101,8 @@ class Gateway:
                                            thread_name_prefix="warmstart-landing")
         self.counters = {"s3_bytes": 0, "peer_bytes": 0, "cache_bytes": 0,
                          "peer_failures": 0, "digest_mismatches": 0, "s3_requests": 0,
-                         "s3_seconds": 0.0, "peer_seconds": 0.0, "landed_pieces": 0}
+                         "s3_seconds": 0.0, "peer_seconds": 0.0, "landed_pieces": 0,
+                         "rechecked_bytes": 0}
 
     def _count(self, name: str, n: float = 1) -> None:
         with self._lock:
@@ -145,9 +152,13 @@ class Gateway:
         return target, objects
 
     # --- preparing a checkpoint on the node ---------------------------------------------
-    def prepare(self, uri: str) -> Prepared:
+    def prepare(self, uri: str, evict: bool = True,
+                trusted: dict[ObjectId, dict[int, str]] | None = None) -> Prepared:
         """Creates the checkpoint's files on the node, queues what is not landed yet, and
-        returns at once (small objects are landed before it returns)."""
+        returns at once (small objects are landed before it returns). `evict=False` leaves
+        eviction to the node's gateway (a replica landing for itself knows only its own
+        checkpoint). `trusted`: pieces another lander of this node verified and landed
+        (`landed()`), taken without checking their digests again when the record agrees."""
         target, objects = self._listing(uri)
         version = landing.version_name([(o.key, o.size, o.etag) for o in objects])
         folder = os.path.join(self.root, version)
@@ -155,12 +166,12 @@ class Gateway:
             active = {landing.object_name(o) for o in objects} | {
                 landing.object_name(o) for o, e in self._by_id.items()
                 if len(e.ready) < e.file.piece_count()}
-        if landing.evict(self.root, active, sum(o.size for o in objects),
-                         self.settings.cache_size):
+        if evict and landing.evict(self.root, active, sum(o.size for o in objects),
+                                   self.settings.cache_size):
             self._forget_evicted()
         landing.private_dir(folder)
         os.utime(folder)  # recently used: evicted last
-        entries = [self._entry(o) for o in objects]
+        entries = [self._entry(o, (trusted or {}).get(o)) for o in objects]
         paths = []
         for e in entries:  # the version folder names each object as object storage does
             path = os.path.join(folder, posixpath.basename(e.obj.key))
@@ -173,10 +184,13 @@ class Gateway:
                 self.land(e, 0)
         big = [e for e in entries if e.obj.size >= self.settings.piece_size]
         # every file's first piece first (the loader reads all headers before any data),
-        # then the rest in file order; a replica waiting for a piece not started yet lands
-        # it itself (wait_ready), so the order is a hint, never a deadlock
-        queue = [(e, 0) for e in big] + [(e, i) for e in big
-                                         for i in range(1, e.file.piece_count())]
+        # then this node's own share in file order (object storage answers at once, while
+        # a peer's gateway may still be starting), then the peers' pieces; a replica waiting
+        # for a piece not started yet lands it itself (wait_ready), so the order is a hint,
+        # never a deadlock
+        rest = [(e, i) for e in big for i in range(1, e.file.piece_count())]
+        queue = [(e, 0) for e in big] + sorted(
+            rest, key=lambda p: self._owner(p[0].obj, p[1]) != self.node_id)
         for e, index in queue:
             if index not in e.ready:
                 self._workers.submit(self._quiet_land, e, index)
@@ -195,8 +209,9 @@ class Gateway:
         for e in entries:
             e.file.close()
 
-    def _entry(self, obj: ObjectId) -> _Object:
-        """The landed file of one object version (opened, and its record checked, once)."""
+    def _entry(self, obj: ObjectId, trusted: dict[int, str] | None = None) -> _Object:
+        """The landed file of one object version (opened, and its record checked, once;
+        recorded pieces in `trusted` with the same digest are not hashed again)."""
         with self._lock:
             entry = self._by_id.get(obj)
             if entry is not None:
@@ -206,14 +221,23 @@ class Gateway:
         file = LandedFile(os.path.join(objects, landing.object_name(obj)), obj.size,
                           self.settings.piece_size)
         entry = _Object(obj, file)
+        trusted = trusted or {}
         for index, digest in file.recorded().items():  # a warm node: check once, then trust
-            if index < file.piece_count() and file.check(index, digest):
-                entry.ready[index] = digest
+            if index >= file.piece_count():
+                continue
+            if trusted.get(index) != digest:
+                self._count("rechecked_bytes", file.piece_span(index)[1])
+                if not file.check(index, digest):
+                    continue
+            entry.ready[index] = digest
         warm = sum(file.piece_span(i)[1] for i in entry.ready)
         self._count("cache_bytes", warm)
         self._on_bytes("cache", warm)
         with self._lock:
-            return self._by_id.setdefault(obj, entry)
+            kept = self._by_id.setdefault(obj, entry)
+        if kept is not entry:  # another thread opened it first
+            file.close()
+        return kept
 
     def _quiet_land(self, entry: _Object, index: int) -> None:
         try:
@@ -230,15 +254,18 @@ class Gateway:
                 return
             entry.started.add(index)
         try:
-            owner = self._owner(entry.obj, index)
-            got = None
-            small = entry.obj.size < self.settings.piece_size  # not worth a peer's round trip
-            if not small and owner != self.node_id and owner not in self._failed_peers:
-                got = self._from_peer(owner, entry.obj, index)
-            if got is None:
-                got = self._single_flight(entry, index)
-            else:
-                self._write(entry, index, *got)
+            with entry.file.claim(index):  # the node's other landers wait for this one
+                if self._adopt(entry, index) is not None:
+                    return  # another process of the node landed it
+                owner = self._owner(entry.obj, index)
+                got = None
+                small = entry.obj.size < self.settings.piece_size  # not worth a round trip
+                if not small and owner != self.node_id and owner not in self._failed_peers:
+                    got = self._from_peer(owner, entry.obj, index)
+                if got is None:
+                    got = self._single_flight(entry, index, claimed=True)
+                else:
+                    self._write(entry, index, *got)
         except BaseException as exc:
             with self._changed:
                 entry.failed[index] = exc
@@ -266,9 +293,20 @@ class Gateway:
             self.counters["landed_pieces"] += 1
             self._changed.notify_all()
 
-    def _single_flight(self, entry: _Object, index: int) -> tuple[str, bytes]:
+    def _adopt(self, entry: _Object, index: int) -> str | None:
+        """Takes over the pieces other processes of the node recorded since this one last
+        looked (each was landed under its claim while this one was up, so it is trusted as
+        our own); returns the digest of piece `index` when it is landed."""
+        for i, digest in entry.file.recorded(new_only=True).items():
+            if i < entry.file.piece_count():
+                self._mark(entry, i, digest, recorded=True)
+        with self._lock:
+            return entry.ready.get(index)
+
+    def _single_flight(self, entry: _Object, index: int,
+                       claimed: bool = False) -> tuple[str, bytes]:
         """Reads piece `index` from object storage and lands it; concurrent callers for the
-        same piece wait for the one read."""
+        same piece wait for the one read. `claimed`: the caller holds the piece's claim."""
         key = (entry.obj, index)
         with self._lock:
             fut = self._inflight.get(key)
@@ -278,12 +316,15 @@ class Gateway:
         if not mine:
             return fut.result()
         try:
-            start, length = entry.file.piece_span(index)
-            with entry.file.span(index) as view:
-                if length:
-                    self._get_into(entry.obj, start, view)
-                digest = sha256(view)
-            self._mark(entry, index, digest)
+            with contextlib.nullcontext() if claimed else entry.file.claim(index):
+                digest = None if claimed else self._adopt(entry, index)
+                if digest is None:
+                    start, length = entry.file.piece_span(index)
+                    with entry.file.span(index) as view:
+                        if length:
+                            self._get_into(entry.obj, start, view)
+                        digest = sha256(view)
+                    self._mark(entry, index, digest)
             result = (digest, None)  # the bytes are in the file
         except BaseException as exc:
             fut.set_exception(exc)
@@ -372,6 +413,11 @@ class Gateway:
     def stats(self) -> dict:
         with self._lock:
             return dict(self.counters)
+
+    def landed(self) -> dict[ObjectId, dict[int, str]]:
+        """Every piece this gateway knows to be on the node, with its digest."""
+        with self._lock:
+            return {o: dict(e.ready) for o, e in self._by_id.items()}
 
     def close(self) -> None:
         self._workers.shutdown(wait=True, cancel_futures=True)

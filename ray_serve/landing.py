@@ -12,6 +12,11 @@ Layout under `root` (created 0700; refused if it is not this user's own folder):
 A peer may ask for pieces of an object before this node's own replica has named its
 checkpoint; those land in objects/ and are linked in when the replica asks. Only the job's user (and root) can open
 anything here: filesystem permissions are what keep other local users out.
+Several processes of a node may land pieces of one file at once (the gateway, and replicas
+that land on a node whose gateway is still starting): a lander holds a piece's bytes with an
+open-file-description lock (`claim`) while it fetches, writes and records the piece, and
+reads the record again once it holds it, so each piece is fetched once per node. The kernel
+drops the lock of a process that dies.
 Whole versions are evicted, least recently prepared first, beyond the size bound.
 """
 
@@ -19,11 +24,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import mmap
 import os
 import shutil
 import stat
+import struct
 import threading
 
 from warmstart.errors import AccessDenied, IntegrityError
@@ -31,6 +38,8 @@ from warmstart.errors import AccessDenied, IntegrityError
 OBJECTS = "objects"
 DIR_MODE = 0o700
 FILE_MODE = 0o600
+# struct flock (Linux, 64-bit): l_type, l_whence, l_start, l_len, l_pid (0 for OFD locks)
+_FLOCK = "hhqqi4x"
 
 
 def sha256(data) -> str:
@@ -62,6 +71,7 @@ class LandedFile:
         self.ready_path = os.path.join(os.path.dirname(path), "." + os.path.basename(path)
                                        + ".ready")
         self._lock = threading.Lock()
+        self._record_offset = 0  # bytes of the record already parsed by `recorded`
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, FILE_MODE)
         try:
             os.fchmod(fd, FILE_MODE)
@@ -81,16 +91,41 @@ class LandedFile:
         start = index * self.piece_size
         return start, min(self.piece_size, self.size - start)
 
-    def recorded(self) -> dict[int, str]:
-        """Pieces a previous writer recorded as landed (not yet re-checked)."""
+    def recorded(self, new_only: bool = False) -> dict[int, str]:
+        """Pieces recorded as landed (not re-checked here): all of them, or with `new_only`
+        those recorded since the last call (by this or another process of the node)."""
         out: dict[int, str] = {}
-        with contextlib.suppress(FileNotFoundError):
-            with open(self.ready_path) as f:
-                for line in f:
-                    index, _, digest = line.strip().partition(" ")
-                    if index.isdigit() and len(digest) == 64:
-                        out[int(index)] = digest
+        with self._lock:
+            start = self._record_offset if new_only else 0
+            with contextlib.suppress(FileNotFoundError):
+                with open(self.ready_path, "rb") as f:
+                    f.seek(start)
+                    data = f.read()
+                    whole = data[:data.rfind(b"\n") + 1]  # a line being appended: next time
+                    self._record_offset = start + len(whole)
+                    for line in whole.decode("ascii", "replace").splitlines():
+                        index, _, digest = line.strip().partition(" ")
+                        if index.isdigit() and len(digest) == 64:
+                            out[int(index)] = digest
         return out
+
+    @contextlib.contextmanager
+    def claim(self, index: int):
+        """Holds piece `index` against the node's other processes while it is landed: an
+        open-file-description write lock on the piece's bytes (waits while another process
+        holds it). Threads of one process share the lock; they coordinate in memory."""
+        start, length = self.piece_span(index)
+        if length <= 0 or self._fd < 0:
+            yield
+            return
+        fcntl.fcntl(self._fd, fcntl.F_OFD_SETLKW,
+                    struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, start, length, 0))
+        try:
+            yield
+        finally:
+            if self._fd >= 0:
+                fcntl.fcntl(self._fd, fcntl.F_OFD_SETLK,
+                            struct.pack(_FLOCK, fcntl.F_UNLCK, os.SEEK_SET, start, length, 0))
 
     def read(self, index: int) -> bytes:
         start, length = self.piece_span(index)
@@ -153,11 +188,16 @@ def object_name(obj) -> str:
 
 def link(existing: str, path: str) -> None:
     """`path` becomes a hard link to `existing` (kept when it already is one)."""
-    with contextlib.suppress(FileNotFoundError):
-        if os.path.samefile(existing, path):
+    for _ in range(3):  # another process of the node may link it at the same time
+        with contextlib.suppress(FileNotFoundError):
+            if os.path.samefile(existing, path):
+                return
+            os.unlink(path)
+        with contextlib.suppress(FileExistsError, FileNotFoundError):
+            os.link(existing, path)
             return
-        os.unlink(path)
-    os.link(existing, path)
+    if not os.path.samefile(existing, path):
+        raise AccessDenied(errno.EEXIST, f"{path}: could not link the node copy {existing}")
 
 
 def version_name(objects: list[tuple[str, int, str]]) -> str:

@@ -99,19 +99,14 @@ class WarmstartCallback(CallbackBase):
 
 def _node_copy(uri: str, sharing: SharingConfig) -> str:
     """The local path of `uri` landed whole in this node's cache (waits for every piece:
-    vLLM's workers are separate processes that read it as a plain local checkpoint)."""
-    import ray
+    vLLM's workers are separate processes that read it as a plain local checkpoint). On a
+    cold node this replica lands it itself while the node's gateway starts."""
+    from warmstart.ray_serve.node_read import NodeLanding
 
-    from warmstart.ray_serve.node_read import unwrap_ray_error
-    from warmstart.ray_serve.replica import prepared_on_node
-
-    gateway, prepared = prepared_on_node(uri, sharing)
+    landing = NodeLanding(uri, sharing)
     try:
-        for path, (_, count, ready) in prepared.files.items():
-            landed = set(ready)
-            for index in range(count):
-                if index not in landed:
-                    landed.update(ray.get(gateway.wait_ready.remote(path, index)))
-    except ray.exceptions.RayTaskError as exc:
-        raise unwrap_ray_error(exc) from None
+        prepared = landing.prepared()
+        landing.wait_all(prepared)
+    finally:
+        landing.close()
     return prepared.path

@@ -4,7 +4,7 @@ It serves no socket of its own: replicas call it through Ray (`prepare`, `wait_r
 read the landed files themselves, so only processes that may open the node cache's 0600 files
 get bytes. One per node, named `warmstart-gateway-<node id>` in namespace "warmstart", detached, 0 CPUs,
 pinned to its node with a hard node-affinity strategy, started by the first replica that needs
-it. Participants are the alive Ray nodes with `node_resource`, read once per object: Ray says
+it (which lands the checkpoint itself meanwhile, see `replica`). Participants are the alive Ray nodes with `node_resource`, read once per object: Ray says
 which nodes exist, schedules the gateways and moves the bytes (a peer's `piece.remote()`);
 warmstart keeps no membership of its own.
 """
@@ -41,34 +41,17 @@ class NodeGateway:
     """The Ray actor (see `ensure_gateway`); its methods are what peers and replicas call."""
 
     def __init__(self, settings: dict, node_id: str) -> None:
-        from ray.util import metrics
-
         self.settings = SharingConfig.from_mapping(settings)
-        self._bytes = metrics.Counter(
-            "warmstart_gateway_bytes", "Bytes a warmstart node gateway obtained, by source "
-            "(s3: object storage, peer: another node, cache: node-local cache)",
-            tag_keys=("source",))
         self.core = Gateway(self.settings, node_id,
                             nodes=lambda: participant_nodes(self.settings.node_resource),
-                            peer_fetch=self._peer_fetch,
-                            on_bytes=self._count_bytes)
+                            peer_fetch=peer_fetch(self.settings),
+                            on_bytes=bytes_metric())
         log.info("warmstart gateway for node %s (mode %s, node cache %s)", node_id,
                  self.settings.mode, self.core.root)
 
-    def _count_bytes(self, source: str, n: int) -> None:
-        if n > 0:  # Ray counters reject increments of 0
-            self._bytes.inc(n, {"source": source})
-
-    def _peer_fetch(self, node: str, obj: ObjectId, index: int) -> tuple[str, bytes]:
-        import ray
-
-        handle = ensure_gateway(node, self.settings)
-        ref = handle.piece.remote(obj.bucket, obj.key, obj.size, obj.etag, index)
-        return ray.get(ref, timeout=self.settings.peer_timeout)
-
-    def prepare(self, uri: str):
+    def prepare(self, uri: str, trusted=None):
         """`Gateway.prepare`: the local path to load and what is already landed."""
-        return self.core.prepare(uri)
+        return self.core.prepare(uri, trusted=trusted)
 
     def wait_ready(self, path: str, index: int) -> tuple[int, ...]:
         return self.core.wait_ready(path, index)
@@ -79,6 +62,46 @@ class NodeGateway:
     def stats(self) -> dict:
         return {**self.core.stats(), "node_id": self.core.node_id,
                 "cache_dir": self.core.root}
+
+
+def bytes_metric():
+    """A `Gateway`'s `on_bytes`: the Ray counter `warmstart_gateway_bytes`, tag `source`."""
+    from ray.util import metrics
+
+    counter = metrics.Counter(
+        "warmstart_gateway_bytes", "Bytes a warmstart node gateway (or a replica landing for "
+        "itself) obtained, by source (s3: object storage, peer: another node, cache: "
+        "node-local cache)", tag_keys=("source",))
+
+    def count(source: str, n: int) -> None:
+        if n > 0:  # Ray counters reject increments of 0
+            counter.inc(n, {"source": source})
+
+    return count
+
+
+def peer_fetch(settings: SharingConfig):
+    """A `Gateway`'s `peer_fetch`: asks the owner node's gateway for a piece through Ray
+    (starting that gateway if it is not up), waiting at most `peer_timeout`."""
+    def fetch(node: str, obj: ObjectId, index: int) -> tuple[str, bytes]:
+        import ray
+
+        handle = ensure_gateway(node, settings)
+        ref = handle.piece.remote(obj.bucket, obj.key, obj.size, obj.etag, index)
+        return ray.get(ref, timeout=settings.peer_timeout)
+
+    return fetch
+
+
+def gateway_running(node_id: str) -> bool:
+    """Whether `node_id`'s gateway actor exists (alive, or being started by someone)."""
+    import ray
+
+    try:
+        ray.get_actor(gateway_name(node_id), namespace=NAMESPACE)
+    except ValueError:
+        return False
+    return True
 
 
 def ensure_gateway(node_id: str, settings: SharingConfig):

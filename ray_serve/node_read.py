@@ -1,29 +1,53 @@
-"""The replica's side of the node byte path: read landed files, waiting piece by piece.
+"""The replica's side of the node byte path: land the checkpoint on the node, read the
+landed files, waiting piece by piece.
 
-The gateway's `prepare` answers with the local folder of a checkpoint and the pieces already
-on the node. The replica loads that folder with warmstart's local-file path; each file still
-being filled is wrapped in a `PieceGate`, which before each read asks the gateway (a Ray
-actor call, `wait_ready`) until the pieces under it have landed. So copying to the device
-starts with the first pieces, and a checkpoint already on the node is read without any gate
-(the loader's mapped or O_DIRECT path, at page-cache or local-disk speed).
+`NodeLanding` starts the landing when the replica starts. On a warm node (the node's gateway
+actor is up) the gateway lands it and answers `prepare` with the local folder and the pieces
+already on the node. On a cold node the replica does not wait for the gateway's new worker
+process: it lands the checkpoint itself, in its own process, with the same `Gateway` logic
+(this node's share from object storage with the replica's own credentials, other nodes'
+pieces from their gateways over Ray, digests checked, each piece claimed across the node's
+processes so it is fetched once per node). The gateway is started at once when other nodes
+take part (they ask it for this node's share; it lands alongside the replica), else once the
+replica has loaded; either way the replica then hands it what it landed (`prepare` with the
+pieces' digests), so the gateway keeps the node copy warm for the next replica without
+hashing it again.
+
+The replica loads the folder with warmstart's local-file path; each file still being filled
+is wrapped in a `PieceGate`, which before each read waits (`wait_ready`: a Ray actor call to
+the gateway, or a call to the replica's own lander) until the pieces under it have landed. So
+copying to the device starts with the first pieces, and a checkpoint already on the node is
+read without any gate (the loader's mapped or O_DIRECT path, at page-cache or local-disk
+speed).
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Awaitable, Callable
 
 from warmstart.errors import SourceError, WarmstartError
-from warmstart.ray_serve.gateway import Prepared
+from warmstart.ray_serve.gateway import Gateway, Prepared
+from warmstart.ray_serve.settings import SharingConfig
 from warmstart.storage.source import Source, Target
+
+log = logging.getLogger("ray.serve.warmstart")
+
+# (landed file, piece index) -> every landed index of that file, once that piece is landed
+Ask = Callable[[str, int], Awaitable[tuple[int, ...]]]
+LOCAL_WAITS = 32  # threads of a replica's own lander that wait for pieces for the loader
 
 
 class ReadyWaiter:
     """Which pieces of the landed files are on the node; asks the gateway for the others
     (one outstanding call per missing piece, shared by all reads that need it)."""
 
-    def __init__(self, gateway, prepared: Prepared) -> None:
-        self._gateway = gateway
+    def __init__(self, ask: Ask, prepared: Prepared) -> None:
+        self._ask = ask
         self._files = {path: (size, count, set(ready))
                        for path, (size, count, ready) in prepared.files.items()}
         self._pending: dict[tuple[str, int], asyncio.Future] = {}
@@ -52,10 +76,13 @@ class ReadyWaiter:
                     self._pending.pop(key, None)
             ready.update(landed)
 
-    async def _ask(self, path: str, index: int) -> tuple[int, ...]:
+
+def ray_ask(gateway) -> Ask:
+    """Waits through the node's gateway actor (`wait_ready.remote`)."""
+    async def ask(path: str, index: int) -> tuple[int, ...]:
         import ray
 
-        ref = self._gateway.wait_ready.remote(path, index)
+        ref = gateway.wait_ready.remote(path, index)
         try:
             return await asyncio.wrap_future(ref.future())
         except ray.exceptions.RayTaskError as exc:
@@ -67,6 +94,18 @@ class ReadyWaiter:
         except ray.exceptions.RayActorError as exc:
             raise SourceError(errno.EIO, f"{path}: the node gateway died while landing piece "
                                          f"{index} ({type(exc).__name__})") from None
+
+    return ask
+
+
+def local_ask(lander: Gateway, threads: ThreadPoolExecutor) -> Ask:
+    """Waits on a lander in this process (its `wait_ready` blocks: it runs on `threads`, not
+    on the I/O loop's small default pool, which the storage layer needs meanwhile)."""
+    async def ask(path: str, index: int) -> tuple[int, ...]:
+        return await asyncio.get_running_loop().run_in_executor(
+            threads, lander.wait_ready, path, index)
+
+    return ask
 
 
 class PieceGate(Source):
@@ -90,11 +129,12 @@ class PieceGate(Source):
         await self._file.close()
 
 
-def gate_for(gateway, prepared: Prepared):
-    """The loader's `wrap_source` for a prepared checkpoint, or None when it is all landed."""
+def gate_for(gateway, prepared: Prepared, ask: Ask | None = None):
+    """The loader's `wrap_source` for a prepared checkpoint, or None when it is all landed;
+    reads wait through the gateway actor `gateway`, or through `ask`."""
     if prepared.complete:
         return None
-    waiter = ReadyWaiter(gateway, prepared)
+    waiter = ReadyWaiter(ask or ray_ask(gateway), prepared)
 
     def wrap(source: Source) -> Source:
         return PieceGate(source, waiter) if waiter.incomplete(source.name) else source
@@ -106,3 +146,95 @@ def unwrap_ray_error(exc: BaseException) -> BaseException:
     """The warmstart error inside a Ray task error, else the error itself."""
     cause = getattr(exc, "cause", None)
     return cause if isinstance(cause, WarmstartError) else exc
+
+
+class NodeLanding:
+    """Lands `uri` on this replica's node, starting at once (see the module docstring):
+    `prepared()` is the local copy to load, `gate(prepared)` the loader's `wrap_source`,
+    `close()` ends this process's part once the load is done."""
+
+    def __init__(self, uri: str, sharing: SharingConfig) -> None:
+        import ray
+
+        from warmstart.ray_serve.node_actor import (
+            bytes_metric, ensure_gateway, gateway_running, participant_nodes, peer_fetch)
+
+        self.uri, self.sharing = uri, sharing
+        self.node_id = ray.get_runtime_context().get_node_id()
+        self.local = not gateway_running(self.node_id)  # cold node: land here meanwhile
+        self.gateway, self._ref, self.lander = None, None, None
+        nodes = participant_nodes(sharing.node_resource) if sharing.mode == "cluster" else ()
+        if not self.local or len(set(nodes) - {self.node_id}):  # needed now: peers ask it
+            self.gateway = ensure_gateway(self.node_id, sharing)
+            self._ref = self.gateway.prepare.remote(uri)
+        if self.local:
+            self.lander = Gateway(sharing, self.node_id,
+                                  nodes=lambda: participant_nodes(sharing.node_resource),
+                                  peer_fetch=peer_fetch(sharing), on_bytes=bytes_metric())
+            self._threads = ThreadPoolExecutor(LOCAL_WAITS, thread_name_prefix="warmstart-wait")
+            self._local = self._threads.submit(self.lander.prepare, uri, False)
+
+    def prepared(self) -> Prepared:
+        if self.lander is not None:
+            return self._local.result()
+        import ray
+
+        for attempt in range(2):
+            try:
+                return ray.get(self._ref)
+            except ray.exceptions.RayActorError:  # a gateway being stopped held the name
+                if attempt:
+                    raise
+                time.sleep(1.0)
+                from warmstart.ray_serve.node_actor import ensure_gateway
+
+                self.gateway = ensure_gateway(self.node_id, self.sharing)
+                self._ref = self.gateway.prepare.remote(self.uri)
+            except ray.exceptions.RayTaskError as exc:
+                raise unwrap_ray_error(exc) from None
+        raise AssertionError("unreachable")
+
+    def gate(self, prepared: Prepared):
+        if self.lander is None:
+            return gate_for(self.gateway, prepared)
+        return gate_for(None, prepared, local_ask(self.lander, self._threads))
+
+    def wait_all(self, prepared: Prepared) -> None:
+        """Waits until every piece of the checkpoint is on the node."""
+        for path, (_, count, ready) in prepared.files.items():
+            landed = set(ready)
+            for index in range(count):
+                if index in landed:
+                    continue
+                if self.lander is not None:
+                    landed.update(self.lander.wait_ready(path, index))
+                    continue
+                import ray
+
+                try:
+                    landed.update(ray.get(self.gateway.wait_ready.remote(path, index)))
+                except ray.exceptions.RayTaskError as exc:
+                    raise unwrap_ray_error(exc) from None
+
+    def stats(self) -> dict:
+        return self.lander.stats() if self.lander is not None else {}
+
+    def close(self) -> None:
+        """Stops this process's lander and hands what it landed to the node's gateway
+        (started now if it was not needed before), which keeps the node copy for the next
+        replica and lands what this replica did not read."""
+        if self.lander is None:
+            return
+        landed = self.lander.landed()
+        self.lander.close()
+        self._threads.shutdown(wait=False, cancel_futures=True)
+        if self.gateway is None and not any(landed.values()):
+            return  # nothing landed (the load failed early): nothing to keep
+        from warmstart.ray_serve.node_actor import ensure_gateway
+
+        try:
+            self.gateway = self.gateway or ensure_gateway(self.node_id, self.sharing)
+            self.gateway.prepare.remote(self.uri, landed)  # not waited for
+        except Exception as exc:  # noqa: BLE001 - the load is done; the next replica lands
+            log.warning("warmstart: could not hand the node copy of %s to the node's "
+                        "gateway: %s", self.uri, exc)

@@ -27,6 +27,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ray.serve.warmstart")
 PROGRESS_STEPS = 10  # log lines per load
+_landed: dict[str, float] = {}  # counters of the landings this process did itself
+
+
+def landing_stats() -> dict[str, float]:
+    """What this process's own landings obtained, summed over its loads (the counters of
+    `Gateway.stats`: `s3_bytes`, `peer_bytes`, `peer_failures`, ...). A replica on a cold
+    node lands for itself while the node's gateway starts, so the node's fetches are these
+    plus the gateway actor's `stats()`. Empty if it never landed anything itself."""
+    return dict(_landed)
 
 
 def _metrics():
@@ -41,74 +50,53 @@ def _metrics():
                           tag_keys=tags))
 
 
-def start_gateway(sharing: SharingConfig):
-    """This node's gateway actor (started if needed; does not wait for it)."""
-    import ray
-
-    from warmstart.ray_serve.node_actor import ensure_gateway
-
-    return ensure_gateway(ray.get_runtime_context().get_node_id(), sharing)
-
-
-def prepare_on_node(uri: str, sharing: SharingConfig):
-    """Asks this node's gateway to land `uri` on the node; returns (gateway, ObjectRef of
-    its `Prepared` answer) without waiting, so the landing starts while the caller goes on."""
-    gateway = start_gateway(sharing)
-    return gateway, gateway.prepare.remote(uri)
-
-
-def prepared_on_node(uri: str, sharing: SharingConfig, pending=None):
-    """(gateway, `Prepared`) for `uri` on this node: the answer to `prepare_on_node`."""
-    import ray
-
-    from warmstart.ray_serve.node_read import unwrap_ray_error
-
-    gateway, ref = pending or prepare_on_node(uri, sharing)
-    for attempt in range(2):
-        try:
-            return gateway, ray.get(ref)
-        except ray.exceptions.RayActorError:  # a gateway being stopped held the name
-            if attempt:
-                raise
-            time.sleep(1.0)
-            gateway, ref = prepare_on_node(uri, sharing)
-        except ray.exceptions.RayTaskError as exc:
-            raise unwrap_ray_error(exc) from None
-    raise AssertionError("unreachable")
-
-
 def load_in_replica(uri: str, device: str = "cpu", *, names: Iterable[str] | None = None,
                     dtype=None, config: LoaderConfig | None = None,
                     sharing: SharingConfig | Mapping[str, Any] | None = None) -> dict:
     """`warmstart.load` for a Serve replica (or any Ray actor): s3:// checkpoints are landed
-    on the node by this node's gateway (one copy per node, a cluster-wide single read) and
-    read from there as local files, piece by piece as they arrive; progress and time are
-    logged and exported as Ray metrics. Returns `{name: tensor}`."""
+    on the node (one copy per node, a cluster-wide single read; by this replica itself while
+    the node's gateway starts, see `node_read.NodeLanding`) and read from there as local
+    files, piece by piece as they arrive; progress and time are logged and exported as Ray
+    metrics. Returns `{name: tensor}`."""
     if not isinstance(sharing, SharingConfig):
         sharing = SharingConfig.from_mapping(sharing)
     if config is not None and config.s3_endpoint_url and sharing.s3_endpoint_url is None:
         sharing = sharing.replace(s3_endpoint_url=config.s3_endpoint_url)
     started = time.perf_counter()
     shared = sharing.mode != "off" and uri.startswith("s3://")
-    # the landing starts now, while this process imports the loader (and torch)
-    pending = prepare_on_node(uri, sharing) if shared else None
+    landing = None
+    if shared:  # the landing starts now, while this process imports the loader (and torch)
+        from warmstart.ray_serve.node_read import NodeLanding
+
+        landing = NodeLanding(uri, sharing)
+    try:
+        return _load(uri, device, names, dtype, config, sharing, landing, started)
+    finally:
+        if landing is not None:
+            landing.close()
+            for key, value in landing.stats().items():
+                _landed[key] = _landed.get(key, 0) + value
+
+
+def _load(uri, device, names, dtype, config, sharing, landing, started) -> dict:
     from warmstart.loader import load
     from warmstart.loader.config import LoaderConfig
-    from warmstart.ray_serve.node_read import gate_for
 
     cfg = config if config is not None else LoaderConfig.from_env()
     read_uri, wrap, answered = uri, None, 0.0
-    if shared:
-        gateway, prepared = prepared_on_node(uri, sharing, pending)
+    if landing is not None:
+        prepared = landing.prepared()
         answered = time.perf_counter() - started
-        read_uri, wrap = prepared.path, gate_for(gateway, prepared)
+        read_uri, wrap = prepared.path, landing.gate(prepared)
         if wrap is not None:  # pieces arrive in the page cache: no O_DIRECT for them
             cfg = cfg.replace(direct_io=False)
     seconds_gauge, bytes_counter, progress_gauge = _metrics()
     tags = {"uri": uri}
+    who = "" if landing is None else ("this replica (the gateway starts meanwhile)"
+                                      if landing.local else "the node's gateway")
     log.info("warmstart: loading %s to %s (sharing: %s%s)", uri, device, sharing.mode,
              f", node copy {read_uri}" + (", landing" if wrap else ", complete")
-             + f", gateway answered after {answered:.2f}s" if shared else "")
+             + f" by {who}, prepared after {answered:.2f}s" if landing else "")
     state = {"step": 0, "last": 0}
 
     def progress(done: int, total: int) -> None:

@@ -38,13 +38,18 @@ class Replica:
 
         from warmstart.ray_serve import load_in_replica
         from warmstart.ray_serve.node_actor import ensure_gateway, SharingConfig
+        from warmstart.ray_serve.replica import landing_stats
 
         tensors = load_in_replica(URI, "cpu", sharing=sharing)
         node = ray_.get_runtime_context().get_node_id()
         stats = {}
         if sharing.get("mode", "cluster") != "off":
+            # the node's fetches: this replica's own landing (a cold node) plus the gateway's
             gw = ensure_gateway(node, SharingConfig.from_mapping(sharing))
-            stats = ray_.get(gw.stats.remote())
+            stats = {"gateway": ray_.get(gw.stats.remote()), "replica": landing_stats()}
+            for key, value in stats["gateway"].items():
+                numeric = isinstance(value, (int, float))
+                stats[key] = value + stats["replica"].get(key, 0) if numeric else value
         return _digest(tensors), stats
 
 

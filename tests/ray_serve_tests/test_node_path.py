@@ -53,14 +53,22 @@ def test_a_warm_node_reads_its_node_copy_and_no_one_else_can(cluster, s3_checkpo
     sharing = {"cache_dir": str(tmp_path / "warm-{node_id}"), "piece_size": "4MiB"}
     proxy.reset_stats()
     digest, first = ray.get(_on(nodes[0].node_id).load.remote(sharing), timeout=300)
-    assert digest == want and first["s3_bytes"] >= size
+    assert digest == want and first["s3_bytes"] >= size  # the cold node fetched it all
+    # ... by the replica itself: the gateway, started after its load, fetched nothing
+    assert first["replica"]["s3_bytes"] >= size and first["gateway"]["s3_bytes"] == 0, first
+    gw = ensure_gateway(nodes[0].node_id, SharingConfig.from_mapping(sharing))
+    deadline = time.monotonic() + 120
+    while ray.get(gw.stats.remote())["cache_bytes"] < size:  # the replica's handover
+        assert time.monotonic() < deadline, "the gateway never took the node copy over"
+        time.sleep(0.05)
     cold = _s3_bytes(proxy)
     proxy.reset_stats()
     digest, second = ray.get(_on(nodes[0].node_id).load.remote(sharing), timeout=300)
     assert digest == want
-    assert _s3_bytes(proxy) == 0 and second["s3_bytes"] == first["s3_bytes"]  # same gateway
+    assert _s3_bytes(proxy) == 0 and not second["replica"]  # the gateway answered, complete
+    assert second["gateway"]["s3_bytes"] == 0  # nothing fetched
+    assert second["gateway"]["rechecked_bytes"] == 0  # handed over with digests: not hashed
     assert cold <= 1.05 * size
-    gw = ensure_gateway(nodes[0].node_id, SharingConfig.from_mapping(sharing))
     prepared = ray.get(gw.prepare.remote(URI))
     assert prepared.complete
     root = Path(second["cache_dir"])

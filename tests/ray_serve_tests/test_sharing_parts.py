@@ -312,3 +312,78 @@ def test_llm_callback_fills_the_plugin_config():
         "weights": "/models/m"}
     with pytest.raises(ConfigError, match="unknown key"):
         plan_extra_config({"weigths": "x"}, None, None, None)
+
+
+def test_two_landers_of_one_node_fetch_each_piece_once(s3_checkpoint, s3_env, tmp_path):
+    """A replica landing on a cold node and the node's gateway, started meanwhile, land the
+    same checkpoint into one node cache at once: each piece is read from object storage by
+    one of them (the other waits on the piece's claim and takes it over), both read right."""
+    pytest.importorskip("ray", reason=NEEDS_RAY)  # the replica asks its gateway over Ray
+    want = oracle(s3_checkpoint)
+    settings = SharingConfig(cache_dir=str(tmp_path / "{node_id}"), mode="node",
+                             piece_size=4 * MiB, prefetch=2, s3_endpoint_url=s3_env.endpoint)
+    # two instances, two open file descriptions per file: they exclude each other exactly as
+    # two processes do
+    replica, gateway = Gateway(settings, "n"), Gateway(settings, "n")
+    try:
+        results = {}
+        threads = [threading.Thread(target=lambda k=k, g=g: results.setdefault(k, _load_on(g)))
+                   for k, g in (("replica", replica), ("gateway", gateway))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert results.keys() == {"replica", "gateway"}
+        for got, _ in results.values():
+            _same(got, want)
+        a, b = replica.stats(), gateway.stats()
+        assert a["s3_bytes"] + b["s3_bytes"] <= 1.05 * checkpoint_bytes(s3_checkpoint), (a, b)
+        assert a["landed_pieces"] and b["landed_pieces"]
+    finally:
+        replica.close()
+        gateway.close()
+
+
+def test_a_claim_dies_with_its_process(tmp_path):
+    """A lander killed while it holds a piece's claim does not block the node: the kernel
+    drops its lock and the next lander gets the piece."""
+    import fcntl
+    import struct
+    import subprocess
+    import sys
+
+    root = private_dir(str(tmp_path / "c"))
+    path = os.path.join(root, "obj")
+    f = LandedFile(path, 3 * 4096, 4096)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys\n"
+         "from warmstart.ray_serve.landing import LandedFile\n"
+         f"f = LandedFile({path!r}, 3 * 4096, 4096)\n"
+         "with f.claim(1):\n"
+         "    print('held', flush=True)\n"
+         "    sys.stdin.read()\n"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        probe = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, 4096, 4096, 0)
+        held = struct.unpack("hhqqi4x", fcntl.fcntl(f._fd, fcntl.F_OFD_GETLK, probe))
+        assert held[0] == fcntl.F_WRLCK  # piece 1 is claimed by the other process
+        free = struct.unpack("hhqqi4x", fcntl.fcntl(
+            f._fd, fcntl.F_OFD_GETLK, struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, 0,
+                                                  4096, 0)))
+        assert free[0] == fcntl.F_UNLCK  # piece 0 is not
+        got = threading.Event()
+
+        def take():
+            with f.claim(1):
+                got.set()
+        taker = threading.Thread(target=take, daemon=True)
+        taker.start()
+        holder.kill()
+        holder.wait(30)
+        assert got.wait(60)
+        taker.join(60)
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+        f.close()
