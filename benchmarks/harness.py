@@ -13,7 +13,8 @@ and reused), starts localbucket on 127.0.0.1, uploads the checkpoint, and runs t
                  folder and proxies listings to it; skipped, with the reason, without nginx
 
 Each run of each peer is its own process (`warmstart.benchmarks.peer`); repeats are
-interleaved across peers; ceilings are measured in the same run. See benchmarks/README.md.
+interleaved across peers, in an order that changes every repeat (`run_order`); ceilings are
+measured in the same run. See benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -43,6 +44,31 @@ SOURCE = {"local-warm": "local", "local-cold": "local", "local-odirect": "local"
           "s3-https": "s3"}
 BUCKET, PREFIX = "warmstart-bench", "model"
 QUICK_SIZE = 64 * MiB
+CEILING = "ceiling"  # the ceiling's slot in a repeat's order
+
+
+def run_order(items: list[str], repeat: int) -> list[list[str]]:
+    """The order of ITEMS in each of REPEAT repeats: rows of a Williams (balanced Latin)
+    square. A run's figures depend on what ran just before it (a cold read right after another
+    process read the same files is faster than one after a pause), so over n rows (n even;
+    2n when n is odd) every item runs in every position equally often and directly after
+    every other item exactly once (twice for odd n); for fewer repeats, no item has the same
+    predecessor in every repeat. Repeats beyond the square start it again."""
+    n = len(items)
+    if n < 2:
+        return [list(items) for _ in range(repeat)]
+    first = [0]  # 0, 1, n-1, 2, n-2, ...: each difference between neighbours occurs once
+    for k in range(1, n):
+        first.append((k + 1) // 2 if k % 2 else n - k // 2)
+    name = {index: items[k] for k, index in enumerate(first)}  # so row 0 is ITEMS as given
+    rows = []
+    for i in range(n):
+        row = [name[(j + i) % n] for j in first]
+        rows.append(row)
+        if n % 2:
+            rows.append(row[::-1])  # odd n needs the mirrored rows too; interleaved, so a
+                                    # short run already mixes both
+    return [list(rows[r % len(rows)]) for r in range(repeat)]
 
 
 @dataclass
@@ -280,13 +306,17 @@ class Run:
         timeout = 300 + self.ckpt.tensor_bytes / 20e6
         bar = tqdm(total=self.args.repeat * (len(peers) + 1), desc=scenario, unit="run",
                    file=sys.stderr, disable=self.args.json_only, leave=False)
-        for r in range(self.args.repeat):
-            self.prepare(scenario)
-            for c in self.ceiling(scenario):
-                result["ceilings"].setdefault(c["kind"], {"label": c["label"], "runs": []})
-                result["ceilings"][c["kind"]]["runs"].append(c)
-            bar.update(1)
-            for peer in peers:
+        result["order"] = run_order([CEILING, *peers], self.args.repeat)
+        for r, order in enumerate(result["order"]):
+            for peer in order:
+                if peer == CEILING:
+                    self.prepare(scenario)
+                    for c in self.ceiling(scenario):
+                        result["ceilings"].setdefault(c["kind"],
+                                                      {"label": c["label"], "runs": []})
+                        result["ceilings"][c["kind"]]["runs"].append(c)
+                    bar.update(1)
+                    continue
                 runs = result["peers"][peer]["runs"]
                 if runs and runs[-1]["status"] in {"not installed", "error"}:
                     bar.update(1)

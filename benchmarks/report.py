@@ -18,7 +18,7 @@ from warmstart.benchmarks.verify import DIGEST
 SCHEMA = 1
 TOP_FIELDS = ("schema", "date", "command", "device", "options", "checkpoint", "machine",
               "baselines", "digest", "scenarios")
-SCENARIO_FIELDS = ("name", "source", "note", "ceilings", "peers", "not_applicable")
+SCENARIO_FIELDS = ("name", "source", "note", "ceilings", "peers", "not_applicable", "order")
 PEER_FIELDS = ("peer", "status", "error", "runs", "median_gbps", "min_gbps", "max_gbps",
                "median_seconds", "first_tensor_seconds", "peak_rss_bytes", "alloc_seconds",
                "median_gbps_excl_alloc", "ratios", "ceiling_fraction")

@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from warmstart.benchmarks import report
+from warmstart.benchmarks.harness import CEILING, run_order
 
 MISSING = "warmstart_bench_no_such_module"
 
@@ -43,6 +44,7 @@ def test_json_has_every_declared_field(quick_run):
     assert [s["name"] for s in doc["scenarios"]] == ["local-warm", "s3"]
     for scenario in doc["scenarios"]:
         assert set(report.SCENARIO_FIELDS) <= set(scenario)
+        assert scenario["order"] == run_order([CEILING, *scenario["peers"]], 1)
         for ceiling in scenario["ceilings"].values():
             assert set(report.CEILING_FIELDS) <= set(ceiling)
             assert ceiling["median_gbps"] > 0, ceiling
@@ -114,6 +116,34 @@ def test_report_rerenders_from_json(quick_run, tmp_path):
     assert report.main([str(tmp_path)]) == 0
     assert (tmp_path / "results.md").read_text() == (out / "results.md").read_text()
     assert all((tmp_path / name).stat().st_size > 0 for name in report.PLOTS)
+
+
+@pytest.mark.parametrize("n", [2, 3, 4, 5, 6])
+def test_run_order_is_balanced(n):
+    """Every repeat runs every peer and the ceiling once; over a full square each one runs in
+    every position equally often and directly after every other one equally often."""
+    items = [CEILING, *(f"p{i}" for i in range(n - 1))]
+    rows = run_order(items, n if n % 2 == 0 else 2 * n)
+    assert all(sorted(row) == sorted(items) for row in rows)
+    positions = {(row.index(item), item) for row in rows for item in row}
+    assert len(positions) == n * n  # every item at every position
+    pairs = [(a, b) for row in rows for a, b in zip(row, row[1:])]
+    assert sorted(set(pairs)) == sorted((a, b) for a in items for b in items if a != b)
+    assert len(pairs) == len(set(pairs)) * (1 if n % 2 == 0 else 2)
+    assert run_order(items, 3 * len(rows)) == rows * 3  # more repeats start the square again
+
+
+@pytest.mark.parametrize("n", [3, 4, 5])
+def test_run_order_varies_the_predecessor_in_three_repeats(n):
+    """The default --repeat 3: no peer (and not the ceiling) has the same predecessor, or the
+    same position, in every repeat; the first repeat keeps the order given."""
+    items = [CEILING, *(f"p{i}" for i in range(n - 1))]
+    rows = run_order(items, 3)
+    assert rows[0] == items
+    for item in items:
+        before = {row[row.index(item) - 1] if row.index(item) else None for row in rows}
+        assert len(before) > 1, (item, rows)
+        assert len({row.index(item) for row in rows}) > 1, (item, rows)
 
 
 def test_gpu_check_script_parses():
