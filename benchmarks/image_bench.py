@@ -49,6 +49,15 @@ def sh(*cmd: str, env=None, timeout: float = 900) -> subprocess.CompletedProcess
                           timeout=timeout)
 
 
+def push_with_twin(layout: str, host: str, repo: str) -> None:
+    """Pushes the layout's `v1` to the plain-http registry `host` as `repo:v1` and converts it
+    there into its warmstart twin (a store in the same repository, tagged `v1`)."""
+    sh("skopeo", "--insecure-policy", "copy", "--dest-tls-verify=false",
+       f"oci:{layout}:v1", f"docker://{host}/{repo}:v1")
+    sh(*CLI, "convert", f"docker://{host}/{repo}:v1", "--plain-http", "--store",
+       f"docker://{host}/{repo}", "--tag", "v1")
+
+
 SERVING_PACKAGES = ["vllm", "transformers", "tokenizers", "safetensors", "regex", "yaml",
                     "tqdm", "huggingface_hub"]
 

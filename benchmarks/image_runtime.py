@@ -150,7 +150,7 @@ def drop_caches() -> None:
 def prepare(cache: str, host: str) -> dict:
     """Builds the image (once), pushes it to `serve` and `servep`, converts both twins and
     records `servep`'s profile under containerd; each step is skipped when already done."""
-    from warmstart.benchmarks.image_bench import build_image, layer_bytes
+    from warmstart.benchmarks.image_bench import build_image, layer_bytes, push_with_twin
     work = os.path.join(cache, "build")
     layout = os.path.join(work, "layout")
     if not os.path.exists(os.path.join(work, "built")):
@@ -164,10 +164,7 @@ def prepare(cache: str, host: str) -> dict:
     done = os.path.join(cache, "registry", "prepared")
     if not os.path.exists(done):
         for repo in ("serve", "servep"):
-            sh("skopeo", "--insecure-policy", "copy", "--dest-tls-verify=false",
-               f"oci:{layout}:v1", f"docker://{host}/{repo}:v1")
-            sh(*CLI, "convert", f"docker://{host}/{repo}:v1", "--plain-http", "--store",
-               f"docker://{host}/{repo}", "--tag", "v1")
+            push_with_twin(layout, host, repo)
         node = Node(os.path.join(cache, "record-node"))
         try:
             sh(*CLI, "record", "v1", "--store", f"docker://{host}/servep", "--plain-http",

@@ -35,7 +35,7 @@ import tempfile
 import threading
 import time
 
-from warmstart.benchmarks.image_bench import _size, build_image, sh
+from warmstart.benchmarks.image_bench import _size, build_image, push_with_twin, sh
 
 CLI = [sys.executable, "-m", "warmstart.imageformat.cli"]
 START = ["/usr/bin/python3", "-c", "import numpy; print('started')"]
@@ -201,10 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         layout, _ = build_image(work, args.torch)
         for repo in ("bench", "benchp"):
-            sh("skopeo", "--insecure-policy", "copy", "--dest-tls-verify=false",
-               f"oci:{layout}:v1", f"docker://{host}/{repo}:v1")
-            sh(*CLI, "convert", f"docker://{host}/{repo}:v1", "--store",
-               f"docker://{host}/{repo}", "--tag", "v1", "--plain-http")
+            push_with_twin(layout, host, repo)
         sh(*CLI, "record", "v1", "--store", f"docker://{host}/benchp", "--plain-http", "--",
            "/usr/bin/python3", "-c", "import numpy; print('started')")
         image_bytes = sum(os.path.getsize(os.path.join(dp, f))

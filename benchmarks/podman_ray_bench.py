@@ -139,7 +139,7 @@ def as_user(user: str, cmd: str, env: dict | None = None,
 def prepare(cache: str, host: str, ray_site: str) -> dict:
     """Builds the image once, pushes it to `serve` and `servep`, converts both twins and
     records `servep`'s profile with podman; each step is skipped when already done."""
-    from warmstart.benchmarks.image_bench import layer_bytes, sh
+    from warmstart.benchmarks.image_bench import layer_bytes, push_with_twin, sh
     from warmstart.imageformat.testimage import REPLICA_IMPORTS, build_replica_layout
     work = os.path.join(cache, "build")
     layout = os.path.join(work, "layout")
@@ -154,10 +154,7 @@ def prepare(cache: str, host: str, ray_site: str) -> dict:
     done = os.path.join(cache, "registry", "prepared-serve")
     if not os.path.exists(done):
         for repo in ("serve", "servep"):
-            sh("skopeo", "--insecure-policy", "copy", "--dest-tls-verify=false",
-               f"oci:{layout}:v1", f"docker://{host}/{repo}:v1")
-            sh(*CLI, "convert", f"docker://{host}/{repo}:v1", "--plain-http", "--store",
-               f"docker://{host}/{repo}", "--tag", "v1")
+            push_with_twin(layout, host, repo)
         rec = os.path.join(cache, "record")
         os.makedirs(rec, exist_ok=True)
         conf = os.path.join(rec, "storage.conf")
