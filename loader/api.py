@@ -213,13 +213,16 @@ async def astream(uri: str, device: str | torch.device = "cpu", *,
                 runner.cancel()
             # Only once the pipeline has waited for its reads and copies may the exit stack
             # free the ring and close the sources, so this wait survives a cancellation.
-            await settle(runner)
-            # A failure left in the queue (the consumer stopped first) holds, through its
-            # traceback, the pipeline's frames and so the destination: drop both now rather
-            # than at the next cyclic GC.
-            while not ready.empty():
-                ready.get_nowait()
-            dest.release_all()
+            try:
+                await settle(runner)  # waits for the runner even when it raises (cancelled)
+            finally:
+                # A failure left in the queue (the consumer stopped first) holds, through its
+                # traceback, the pipeline's frames and so the destination: drop both now
+                # rather than at the next cyclic GC, also when this close was cancelled (as
+                # asyncio.run cancels the task closing a generator abandoned by `return`).
+                while not ready.empty():
+                    ready.get_nowait()
+                dest.release_all()
         _log_done(len(plan.tensors), total, uri, dev, started,
                   "staged" if staged else "read in place")
 

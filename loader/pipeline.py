@@ -150,26 +150,33 @@ async def execute(plan: ReadPlan, sources: Sequence[Source], dest: Destination, 
             sem.release()
 
     try:
-        for chunk in plan.chunks:
-            if chunk.group not in started and not await start_group(chunk.group):
-                break
-            await sem.acquire()
-            if failures:
-                sem.release()
-                break
-            task = asyncio.get_running_loop().create_task(run_chunk(chunk))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
-        else:
-            for group in range(len(plan.groups)):  # groups holding only empty tensors
-                if group not in started and not await start_group(group):
+        try:
+            for chunk in plan.chunks:
+                if chunk.group not in started and not await start_group(chunk.group):
                     break
-    finally:
-        # Whatever happened (failure, cancellation), wait for in-flight chunks: their worker
-        # threads write into buffers that must outlive them.
-        in_flight = set(tasks)
-        await settle(in_flight)
-        failures.extend(asyncio.CancelledError() for t in in_flight if t.cancelled())
+                await sem.acquire()
+                if failures:
+                    sem.release()
+                    break
+                task = asyncio.get_running_loop().create_task(run_chunk(chunk))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            else:
+                for group in range(len(plan.groups)):  # groups holding only empty tensors
+                    if group not in started and not await start_group(group):
+                        break
+        finally:
+            # Whatever happened (failure, cancellation), wait for in-flight chunks: their
+            # worker threads write into buffers that must outlive them.
+            in_flight = set(tasks)
+            await settle(in_flight)
+            failures.extend(asyncio.CancelledError() for t in in_flight if t.cancelled())
+    except BaseException:
+        # Cancelled (or failed) here: that is what the caller sees. The chunks' errors hold
+        # this list through their tracebacks' frames, a cycle that would keep the destination
+        # until the cyclic GC: drop them now.
+        failures.clear()
+        raise
     if failures:
         # Each failure's traceback holds a frame that holds this list (and the destination):
         # dropped before the raise, so nothing here waits for the cyclic GC.

@@ -20,6 +20,7 @@ from warmstart.loader import LoaderConfig, astream, load, stream
 from warmstart.loader.api import STREAM_GROUPS
 from warmstart.loader.memory import HostRing
 from warmstart.loader.sources.local import LocalFileSource
+from warmstart.testing import faultproxy as fp
 from warmstart.testing.checkpoints import make_checkpoint
 
 GROUP = 256 << 10
@@ -182,3 +183,36 @@ def test_a_failed_load_holds_nothing_while_the_error_is_kept(ckpt, meter, rings,
     assert meter.peak > 0
     assert meter.live == 0, "the kept error holds the load's memory"
     assert all(freed for _, freed in rings)
+
+
+@pytest.fixture(scope="module")
+def s3_ckpt(localbucket, ckpt):
+    localbucket.create_bucket("memory")
+    localbucket.upload_tree(ckpt, "memory", "m")
+    return "s3://memory/m/"
+
+
+def test_async_stream_from_s3_left_by_return_frees_ring_and_groups_at_once(
+        s3_ckpt, localbucket, meter, rings, no_gc, monkeypatch):
+    """`return` inside `async for` over a staged S3 stream whose reads are in flight, no
+    aclosing: asyncio.run cancels the pipeline and closes the abandoned generator, and once
+    it is back nothing of the stream's memory is left, with no collection."""
+    with fp.FaultProxy(localbucket.endpoint) as proxy:
+        proxy.add_rule(fp.latency(0.01), ranged=True)  # reads still in flight at the return
+        for key, value in {**localbucket.env(), "AWS_ENDPOINT_URL": proxy.endpoint}.items():
+            monkeypatch.setenv(key, value)
+        # groups of many chunks: the stream is left with the rest of its group still reading
+        cfg = PATHS["staged"].replace(s3_data_path="raw", group_size=8 * GROUP)
+
+        async def main():
+            got = 0
+            async for _, tensor in astream(s3_ckpt, config=cfg):
+                got += tensor.numel() * tensor.element_size()
+                del tensor
+                return got
+
+        assert asyncio.run(main()) > 0
+    assert not proxy.errors, proxy.errors
+    assert meter.peak > 0
+    assert meter.live == 0, "group memory kept after the consumer left the stream"
+    assert len(rings) == 1 and rings[0][1], "the ring outlived the stream"
