@@ -77,6 +77,19 @@ class HttpTransport:
             self.executor.shutdown(wait=False)
 
 
+_LOADER = None
+
+
+def _data_loader(session):
+    """One botocore data loader for the process: it caches the parsed service models, which a
+    fresh loader per client would parse again (~28 MB of dicts in reference cycles, held until
+    the cyclic GC, per load or stream)."""
+    global _LOADER
+    if _LOADER is None:
+        _LOADER = session.get_component("data_loader")
+    return _LOADER
+
+
 class S3Client:
     """One aiobotocore client and one raw-GET transport; use as `async with`."""
 
@@ -97,6 +110,7 @@ class S3Client:
 
         cfg = self.config
         self._session = get_session()
+        self._session.register_component("data_loader", _data_loader(self._session))
         self._cm = self._session.create_client(
             "s3", endpoint_url=cfg.endpoint_url, region_name=cfg.region_name,
             aws_access_key_id=cfg.access_key, aws_secret_access_key=cfg.secret_key,
