@@ -8,6 +8,7 @@ double's. Together they run the staged GPU pipeline on machines without a GPU.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import shutil
@@ -172,3 +173,17 @@ class DoubleMemory:
             yield
         finally:
             self._local.stream = old
+
+
+async def cancel_while_copies_are_held(dbl, task: asyncio.Task, times: int) -> None:
+    """Cancels the load `task` `times` times while the double holds its copies back (the
+    later cancels land while it waits for them): it must not end while a copy still reads
+    its ring. Then lets the copies run and expects the load to end cancelled."""
+    for _ in range(times):
+        task.cancel()
+        for _ in range(20):
+            await asyncio.sleep(0)
+        assert not task.done(), "the load ended while a copy still read its ring"
+    dbl.pause_copies(False)
+    with pytest.raises(asyncio.CancelledError):
+        await task

@@ -22,7 +22,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cuda_double import Double, DoubleMemory, build_double
+from cuda_double import Double, DoubleMemory, build_double, cancel_while_copies_are_held
 from test_oracle import TINY, assert_same
 from warmstart import _native
 from warmstart.errors import ConfigError, CudaUnavailable, SourceError
@@ -277,14 +277,7 @@ def test_cancelled_gpu_load_waits_for_its_copies(dbl, mem, ckpt):
                                            _device_memory=mem))
         while dbl.stat("enqueued") == 0:
             await asyncio.sleep(0.001)
-        for _ in range(4):
-            task.cancel()
-            for _ in range(20):
-                await asyncio.sleep(0)
-            assert not task.done(), "the load ended while a copy still read its ring"
-        dbl.pause_copies(False)
-        with pytest.raises(asyncio.CancelledError):
-            await task
+        await cancel_while_copies_are_held(dbl, task, 4)
 
     asyncio.run(main())
     PINNED.release()  # frees the ring: a copy still reading it would count as a hazard

@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from cuda_double import DoubleMemory
+from cuda_double import DoubleMemory, cancel_while_copies_are_held
 from loader_helpers import ALL_DTYPES, odd_offset_file, random_tensor
 from test_oracle import assert_same
 from warmstart import _native
@@ -113,14 +113,7 @@ def test_cancelling_mid_load_leaves_no_slot_in_use_and_no_hazard(dbl, mem, many)
                                            _device_memory=mem))
         while dbl.stat("enqueued") < 4:
             await asyncio.sleep(0.001)
-        for _ in range(3):  # the second and third land while it waits for the copies
-            task.cancel()
-            for _ in range(20):
-                await asyncio.sleep(0)
-            assert not task.done(), "the load ended while copies still read its ring"
-        dbl.pause_copies(False)
-        with pytest.raises(asyncio.CancelledError):
-            await task
+        await cancel_while_copies_are_held(dbl, task, 3)
 
     asyncio.run(main())
     stats = native_loop.last_stats()
