@@ -19,16 +19,19 @@ HOST_PINNED_KIND = 2
 
 
 def host_tensor(nbytes: int) -> torch.Tensor:
-    """A uint8 CPU tensor backed by an anonymous mapping with transparent huge pages.
+    """A uint8 CPU tensor backed by an anonymous mapping, in the system's default page size
+    (no `MADV_HUGEPAGE`). The mapping is released with the last tensor view.
 
-    First writes into fresh 4 KiB pages run at ~0.5-1.6 GB/s on these VMs (page faults);
-    with huge pages they run at ~10 GB/s. The mapping is released with the last tensor view.
+    A fresh process writes every destination byte for the first time, so the first-touch cost
+    of new memory is part of every load. On these VMs the host takes back guest memory freed in
+    2 MiB blocks (free page reporting, order 9) a few seconds after it is freed; a huge page is
+    such a block, and faulting one in then ran at 0.3-0.7 GB/s with 1-4 threads, against
+    2.4-3.1 GB/s for 4 KiB pages (benchmarks/RESULTS.md, 2026-12-01 22:20 UTC). Huge pages win
+    (4-6 GB/s) only right after another process freed memory the host had not yet taken back.
     """
     if nbytes == 0:
         return torch.empty(0, dtype=torch.uint8)
     block = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    if hasattr(mmap, "MADV_HUGEPAGE"):
-        block.madvise(mmap.MADV_HUGEPAGE)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return torch.frombuffer(block, dtype=torch.uint8)
