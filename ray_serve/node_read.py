@@ -185,7 +185,11 @@ class NodeLanding:
         mark("nodes_listed")
         if not self.local or len(set(nodes) - {self.node_id}):  # needed now: peers ask it
             self.gateway = ensure_gateway(self.node_id, sharing)
-            self._ref = self.gateway.prepare.remote(uri)
+            if not self.local:
+                self._ref = self.gateway.prepare.remote(uri)
+            # on a cold node the gateway only answers peers while this replica lands (a
+            # second lander of the whole checkpoint in its process would only compete for
+            # the claims and the CPU); it is handed the node copy after the load (`close`)
             mark("gateway_asked")
         if self.local:
             self.lander = Gateway(sharing, self.node_id,
