@@ -49,7 +49,7 @@ from warmstart.storage.uri import S3Uri, parse_s3
 log = logging.getLogger("warmstart.ray_serve")
 LANDED_SUFFIXES = (".safetensors", ".json", ".sums")  # what the loader reads of a folder
 
-# (node id, object, piece index) -> (digest, bytes); raises on any failure
+# (node id, object, piece index) -> (digest, the bytes: any buffer); raises on any failure
 PeerFetch = Callable[[str, ObjectId, int], tuple[str, bytes]]
 
 
