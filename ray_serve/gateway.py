@@ -406,6 +406,12 @@ class Gateway:
                                    f"{timeout}s")
             return tuple(sorted(entry.ready))
 
+    def ready_now(self, path: str) -> tuple[int, ...]:
+        """The pieces of the landed file `path` this lander knows are on the node (no wait)."""
+        with self._lock:
+            entry = self._objects.get(path)
+            return () if entry is None else tuple(entry.ready)
+
     def piece_for_peer(self, obj: ObjectId, index: int) -> tuple[str, bytes]:
         """A piece this node owns, with the digest it had when it was read from object
         storage (the asking node checks the bytes against it)."""

@@ -28,7 +28,7 @@ import errno
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, Iterable
 
 from warmstart.errors import SourceError, WarmstartError
 from warmstart.ray_serve.gateway import Gateway, Prepared
@@ -46,8 +46,10 @@ class ReadyWaiter:
     """Which pieces of the landed files are on the node; asks the gateway for the others
     (one outstanding call per missing piece, shared by all reads that need it)."""
 
-    def __init__(self, ask: Ask, prepared: Prepared) -> None:
+    def __init__(self, ask: Ask, prepared: Prepared,
+                 landed_now: Callable[[str], Iterable[int]] | None = None) -> None:
         self._ask = ask
+        self._landed_now = landed_now  # what has landed since `prepared`, without waiting
         self._files = {path: (size, count, set(ready))
                        for path, (size, count, ready) in prepared.files.items()}
         self._pending: dict[tuple[str, int], asyncio.Future] = {}
@@ -56,6 +58,8 @@ class ReadyWaiter:
 
     def incomplete(self, path: str) -> bool:
         info = self._files.get(path)
+        if info is not None and self._landed_now is not None:
+            info[2].update(self._landed_now(path))
         return info is not None and len(info[2]) < info[1]
 
     async def wait(self, path: str, offset: int, length: int) -> None:
@@ -142,12 +146,15 @@ class PieceGate(Source):
         await self._file.close()
 
 
-def gate_for(gateway, prepared: Prepared, ask: Ask | None = None):
+def gate_for(gateway, prepared: Prepared, ask: Ask | None = None,
+             landed_now: Callable[[str], Iterable[int]] | None = None):
     """The loader's `wrap_source` for a prepared checkpoint, or None when it is all landed;
-    reads wait through the gateway actor `gateway`, or through `ask`."""
+    reads wait through the gateway actor `gateway`, or through `ask`. With `landed_now`, a
+    file found complete when the loader opens it is not gated: the loader may map it (no
+    copy), as on a warm node."""
     if prepared.complete:
         return None
-    waiter = ReadyWaiter(ask or ray_ask(gateway), prepared)
+    waiter = ReadyWaiter(ask or ray_ask(gateway), prepared, landed_now)
 
     def wrap(source: Source) -> Source:
         return PieceGate(source, waiter) if waiter.incomplete(source.name) else source
@@ -230,8 +237,11 @@ class NodeLanding:
         raise AssertionError("unreachable")
 
     def gate(self, prepared: Prepared):
-        ask = local_ask(self.lander, self._threads) if self.lander is not None else None
-        wrap = gate_for(self.gateway, prepared, ask)
+        if self.lander is not None:
+            wrap = gate_for(None, prepared, local_ask(self.lander, self._threads),
+                            self.lander.ready_now)
+        else:
+            wrap = gate_for(self.gateway, prepared)
         self.waiter = getattr(wrap, "waiter", None)
         return wrap
 
