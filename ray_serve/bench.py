@@ -1,5 +1,7 @@
-"""Benchmark: `serve.run` to the first answer, and bytes read from object storage, for N
-replicas on N nodes, warmstart vs download-then-load.
+"""Benchmark: a scale-up from the deploy call to the first answer and to all N replicas
+running, and bytes read from object storage, for N replicas on N nodes, warmstart vs
+download-then-load. Each replica also records where its load went (process age when Serve
+called its `__init__`, and the steps of `replica.last_load_timings()`, or the download's).
 
   python -m warmstart.ray_serve.bench --size 1GiB --nodes 1 2 3 --runs 3 --out DIR \
       [--s3-bandwidth 200MB] [--hosts netns --node-link 1Gbit]
@@ -17,7 +19,12 @@ Methods, measured side by side in the same clusters (order alternating per repet
              gateways are still up and the node copies complete (local-disk speed)
   download   Ray's own download path for ray.serve.llm (`CloudFileSystem.download_model`, all
              files to a fresh folder on local disk), then `safetensors.torch.load_file`
-Writes DIR/ray_serve_bench.json and prints a markdown table (medians).
+Each cluster first runs one throwaway deployment of N replicas (its first worker processes
+and Serve's first replica start, paid by neither method). Times are taken with
+`serve._run(..., _blocking=False)`: first answer through the returned handle, then all
+replicas running by the controller's status asked every 20 ms (`serve.run` itself rounds up
+to its 1 s status poll). Writes DIR/ray_serve_bench.json and prints a markdown table
+(medians).
 """
 
 from __future__ import annotations
@@ -35,16 +42,27 @@ import tempfile
 import time
 from pathlib import Path
 
-from warmstart.errors import ConfigError
+from warmstart.errors import ConfigError, WarmstartError
 
 METHODS = ("warmstart", "download")
 ALL_METHODS = ("warmstart", "warm", "download")
 BUCKET = "bench"
 
 
+def _process_age() -> float:
+    """Seconds since this process started (its worker's start, before Serve made the
+    replica), from /proc: a start time in clock ticks since boot against the uptime."""
+    with open("/proc/self/stat") as f:
+        started = int(f.read().rpartition(")")[2].split()[19]) / os.sysconf("SC_CLK_TCK")
+    with open("/proc/uptime") as f:
+        return float(f.read().split()[0]) - started
+
+
 class BenchReplica:
     def __init__(self, method: str, uri: str, workdir: str, sharing: dict) -> None:
+        entered, age = time.time(), _process_age()
         started = time.perf_counter()
+        self.timings: dict = {}
         try:
             self._load(method, uri, workdir, sharing)
         finally:
@@ -52,22 +70,34 @@ class BenchReplica:
             # in Serve's replica log: the load, apart from Serve's start of the replica
             logging.getLogger("ray.serve").info("bench: %s replica loaded in %.2fs", method,
                                                 self.load_seconds)
+        # one file per replica: the driver reads every replica's steps, not only the one
+        # that answers its request
+        record = {"pid": os.getpid(), "process_age_at_init": round(age, 3),
+                  "init_entered": entered, "init_left": time.time(),
+                  "load_seconds": round(self.load_seconds, 4), "steps": self.timings}
+        Path(workdir, f"replica-{os.getpid()}.json").write_text(json.dumps(record))
 
     def _load(self, method: str, uri: str, workdir: str, sharing: dict) -> None:
+        started = time.perf_counter()
         if method == "warmstart":
             from warmstart.ray_serve import load_in_replica
+            from warmstart.ray_serve.replica import last_load_timings
 
             self.weights = load_in_replica(uri, "cpu", sharing=sharing)
+            self.timings = last_load_timings()
             return
         from ray.llm._internal.common.utils.cloud_utils import CloudFileSystem
         from safetensors.torch import load_file
 
+        self.timings["imported"] = round(time.perf_counter() - started, 4)
         dest = tempfile.mkdtemp(dir=workdir)
         CloudFileSystem.download_model(destination_path=dest, bucket_uri=uri,
                                        tokenizer_only=False)
+        self.timings["downloaded"] = round(time.perf_counter() - started, 4)
         self.weights = {}
         for path in sorted(Path(dest).rglob("*.safetensors")):
             self.weights.update(load_file(path))
+        self.timings["loaded"] = round(time.perf_counter() - started, 4)
 
     def ready(self) -> float:
         """Seconds this replica's __init__ spent loading (the rest is Serve's start)."""
@@ -75,25 +105,64 @@ class BenchReplica:
 
 
 def _one(serve, n: int, method: str, uri: str, work: Path, run: str, cache: str,
-         keep: bool = False):
+         keep: bool = False) -> dict:
+    """One scale-up from zero to `n` replicas. The clock starts at the deploy call and stops
+    at the first answer through a handle (requests wait in the handle until a replica is
+    up), then at the moment the controller reports all `n` replicas running (its status,
+    asked every 20 ms): `serve.run` itself would round both up to its 1 s status poll."""
+    from ray.serve.api import _run
+    from ray.serve.schema import ApplicationStatus
+
     from warmstart.ray_serve.node_actor import stop_gateways
 
     # the N replica nodes share (the head node, which runs no replica, takes no part)
     sharing = {"cache_dir": str(work / f"{cache}-{{node_id}}"), "node_resource": "bench_node"}
+    records = work / f"records-{run}"
+    records.mkdir()
     deployment = serve.deployment(
         BenchReplica, name="bench", num_replicas=n,
         ray_actor_options={"num_cpus": 0, "resources": {"bench_node": 1}})
-    started = time.perf_counter()
-    handle = serve.run(deployment.bind(method, uri, str(work), sharing), name=run,
-                       route_prefix=None)
+    wall, started = time.time(), time.perf_counter()
+    handle = _run(deployment.bind(method, uri, str(records), sharing), name=run,
+                  route_prefix=None, _blocking=False)
     handle.ready.remote().result()
+    first = time.perf_counter() - started
+    while True:
+        status = serve.status().applications[run]
+        if status.status == ApplicationStatus.RUNNING:
+            break
+        if status.status in (ApplicationStatus.DEPLOY_FAILED, ApplicationStatus.UNHEALTHY):
+            raise WarmstartError(f"bench app {run}: {status.status}: {status.message}")
+        time.sleep(0.02)
     seconds = time.perf_counter() - started
+    replicas = []
+    for path in sorted(records.glob("replica-*.json")):
+        rec = json.loads(path.read_text())
+        rec["init_entered"] = round(rec["init_entered"] - wall, 3)  # seconds after deploy
+        rec["init_left"] = round(rec["init_left"] - wall, 3)
+        replicas.append(rec)
     serve.delete(run)
     if not keep:
         stop_gateways()
         for child in work.iterdir():
             shutil.rmtree(child, ignore_errors=True)
-    return seconds
+    return {"seconds": seconds, "first_answer_seconds": first, "replicas": replicas}
+
+
+class _Warmup:
+    def ready(self) -> int:
+        return os.getpid()
+
+
+def _warm_up(serve, n: int) -> None:
+    """One throwaway scale-up to `n` replicas before any timed one: a fresh cluster's first
+    deployment also pays for Serve's first replica start and the nodes' first worker
+    processes, which would land on whichever method happens to go first."""
+    deployment = serve.deployment(
+        _Warmup, name="warmup", num_replicas=n,
+        ray_actor_options={"num_cpus": 0, "resources": {"bench_node": 1}})
+    serve.run(deployment.bind(), name="warmup", route_prefix=None).ready.remote().result()
+    serve.delete("warmup")
 
 
 def _measure(serve, n: int, runs: int, uri: str, work: Path, reset, read,
@@ -102,6 +171,7 @@ def _measure(serve, n: int, runs: int, uri: str, work: Path, reset, read,
     and `read()` count the bytes object storage serves in between."""
     rows = []
     work.mkdir(exist_ok=True)
+    _warm_up(serve, n)
     for rep in range(runs):
         # alternate which method goes first, so neither always pays for a
         # cold cluster (first worker processes, Serve's first deployment)
@@ -109,10 +179,10 @@ def _measure(serve, n: int, runs: int, uri: str, work: Path, reset, read,
         steps = [m2 for m in order for m2 in ((m, "warm") if m == "warmstart" else (m,))]
         for method in steps:
             reset()
-            seconds = _one(serve, n, method if method != "warm" else "warmstart", uri, work,
-                           f"r{n}{method}{rep}", f"cache{n}{rep}", keep=method == "warmstart")
+            timed = _one(serve, n, method if method != "warm" else "warmstart", uri, work,
+                         f"r{n}{method}{rep}", f"cache{n}{rep}", keep=method == "warmstart")
             read_bytes = read()
-            rows.append({"nodes": n, "method": method, "run": rep, "seconds": seconds,
+            rows.append({"nodes": n, "method": method, "run": rep, **timed,
                          "s3_bytes": read_bytes, "s3_ratio": read_bytes / ckpt_bytes})
             print(json.dumps(rows[-1]), flush=True)
     return rows
@@ -293,8 +363,13 @@ def main(argv=None) -> None:
     for n in args.nodes:
         for method in ALL_METHODS:
             mine = [r for r in rows if r["nodes"] == n and r["method"] == method]
+            loads = [x["load_seconds"] for r in mine for x in r["replicas"]]
             summary.append({"nodes": n, "method": method,
                             "median_seconds": statistics.median(r["seconds"] for r in mine),
+                            "median_first_answer_seconds": statistics.median(
+                                r["first_answer_seconds"] for r in mine),
+                            "median_replica_load_seconds": statistics.median(loads)
+                            if loads else None,
                             "median_s3_ratio": statistics.median(r["s3_ratio"] for r in mine),
                             "runs": len(mine)})
     result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -306,16 +381,18 @@ def main(argv=None) -> None:
               "summary": summary}
     (out / "ray_serve_bench.json").write_text(json.dumps(result, indent=2))
     print(f"\ncheckpoint {ckpt_bytes / 1e9:.2f} GB, median of {args.runs} runs\n")
-    print("| nodes = replicas | method | serve.run to first answer, s (runs) | vs download | "
-          "S3 bytes / checkpoint |")
-    print("|---|---|---|---|---|")
+    print("| nodes = replicas | method | deploy to all replicas running, s (runs) | vs download "
+          "| first answer, s | replica load, s | S3 bytes / checkpoint |")
+    print("|---|---|---|---|---|---|---|")
     for s in summary:
         base = next(b["median_seconds"] for b in summary
                     if b["nodes"] == s["nodes"] and b["method"] == "download")
-        runs = ", ".join(f"{r['seconds']:.1f}" for r in rows
+        runs = ", ".join(f"{r['seconds']:.2f}" for r in rows
                          if r["nodes"] == s["nodes"] and r["method"] == s["method"])
+        load = s["median_replica_load_seconds"]
         print(f"| {s['nodes']} | {s['method']} | {s['median_seconds']:.2f} ({runs}) | "
-              f"{s['median_seconds'] / base:.2f}x | {s['median_s3_ratio']:.2f}x |")
+              f"{s['median_seconds'] / base:.2f}x | {s['median_first_answer_seconds']:.2f} | "
+              f"{'-' if load is None else f'{load:.2f}'} | {s['median_s3_ratio']:.2f}x |")
 
 
 if __name__ == "__main__":

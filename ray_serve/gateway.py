@@ -49,7 +49,7 @@ from warmstart.storage.uri import S3Uri, parse_s3
 log = logging.getLogger("warmstart.ray_serve")
 LANDED_SUFFIXES = (".safetensors", ".json", ".sums")  # what the loader reads of a folder
 
-# (node id, object, piece index) -> (digest, bytes); raises on any failure
+# (node id, object, piece index) -> (digest, the bytes: any buffer); raises on any failure
 PeerFetch = Callable[[str, ObjectId, int], tuple[str, bytes]]
 
 
@@ -78,8 +78,12 @@ class Prepared:
 class Gateway:
     def __init__(self, settings: SharingConfig, node_id: str,
                  nodes: Callable[[], tuple[str, ...]] | None = None,
-                 peer_fetch: PeerFetch | None = None, on_bytes=None) -> None:
+                 peer_fetch: PeerFetch | None = None, on_bytes=None,
+                 mark: Callable[[str], None] | None = None) -> None:
         self.settings = settings
+        # `mark(hop)`: notes the moment of a step (a replica landing for itself times its
+        # hops with it: client, listing, first piece, ...); first call per hop wins
+        self._mark_hop = mark or (lambda hop: None)
         self.node_id = node_id
         self.root = landing.private_dir(settings.cache_dir.replace("{node_id}", node_id)
                                         .replace("{uid}", str(os.getuid())))
@@ -102,7 +106,8 @@ class Gateway:
         self.counters = {"s3_bytes": 0, "peer_bytes": 0, "cache_bytes": 0,
                          "peer_failures": 0, "digest_mismatches": 0, "s3_requests": 0,
                          "s3_seconds": 0.0, "peer_seconds": 0.0, "landed_pieces": 0,
-                         "rechecked_bytes": 0}
+                         "rechecked_bytes": 0, "hash_seconds": 0.0, "claim_wait_seconds": 0.0,
+                         "write_seconds": 0.0}
 
     def _count(self, name: str, n: float = 1) -> None:
         with self._lock:
@@ -113,6 +118,7 @@ class Gateway:
         with self._lock:
             if self._client is None:
                 self._client = sync.run(S3Client(self._storage).__aenter__())
+                self._mark_hop("s3_client")
             return self._client
 
     def _get_into(self, obj: ObjectId, offset: int, view: memoryview) -> None:
@@ -160,6 +166,7 @@ class Gateway:
         checkpoint). `trusted`: pieces another lander of this node verified and landed
         (`landed()`), taken without checking their digests again when the record agrees."""
         target, objects = self._listing(uri)
+        self._mark_hop("listed")
         version = landing.version_name([(o.key, o.size, o.etag) for o in objects])
         folder = os.path.join(self.root, version)
         with self._lock:  # kept: this version, and objects still landing
@@ -182,6 +189,7 @@ class Gateway:
         for e in entries:  # small ones now: the loader reads indexes and headers first
             if e.obj.size < self.settings.piece_size:
                 self.land(e, 0)
+        self._mark_hop("small_landed")
         big = [e for e in entries if e.obj.size >= self.settings.piece_size]
         # every file's first piece first (the loader reads all headers before any data),
         # then this node's own share in file order (object storage answers at once, while
@@ -254,7 +262,9 @@ class Gateway:
                 return
             entry.started.add(index)
         try:
+            asked = time.perf_counter()
             with entry.file.claim(index):  # the node's other landers wait for this one
+                self._count("claim_wait_seconds", time.perf_counter() - asked)
                 if self._adopt(entry, index) is not None:
                     return  # another process of the node landed it
                 owner = self._owner(entry.obj, index)
@@ -277,7 +287,9 @@ class Gateway:
         with self._lock:
             if index in entry.ready:
                 return
+        started = time.perf_counter()
         entry.file.write(index, data, digest)
+        self._count("write_seconds", time.perf_counter() - started)
         self._mark(entry, index, digest, recorded=True)
 
     def _mark(self, entry: _Object, index: int, digest: str, recorded: bool = False) -> None:
@@ -292,6 +304,7 @@ class Gateway:
             entry.started.discard(index)
             self.counters["landed_pieces"] += 1
             self._changed.notify_all()
+        self._mark_hop("first_piece_landed")
 
     def _adopt(self, entry: _Object, index: int) -> str | None:
         """Takes over the pieces other processes of the node recorded since this one last
@@ -323,7 +336,9 @@ class Gateway:
                     with entry.file.span(index) as view:
                         if length:
                             self._get_into(entry.obj, start, view)
+                        hashing = time.perf_counter()
                         digest = sha256(view)
+                        self._count("hash_seconds", time.perf_counter() - hashing)
                     self._mark(entry, index, digest)
             result = (digest, None)  # the bytes are in the file
         except BaseException as exc:
@@ -350,7 +365,10 @@ class Gateway:
                         type(exc).__name__, str(exc)[:200])
             return None
         self._count("peer_seconds", time.perf_counter() - started)
-        if sha256(data) != digest:
+        hashing = time.perf_counter()
+        matches = sha256(data) == digest
+        self._count("hash_seconds", time.perf_counter() - hashing)
+        if not matches:
             self._count("digest_mismatches")
             log.warning("warmstart gateway: %s does not match its digest %s; reading it "
                         "from object storage", what, digest[:16])
@@ -387,6 +405,12 @@ class Gateway:
                 raise TimeoutError(f"{entry.obj.name} piece {index}: not on the node after "
                                    f"{timeout}s")
             return tuple(sorted(entry.ready))
+
+    def ready_now(self, path: str) -> tuple[int, ...]:
+        """The pieces of the landed file `path` this lander knows are on the node (no wait)."""
+        with self._lock:
+            entry = self._objects.get(path)
+            return () if entry is None else tuple(entry.ready)
 
     def piece_for_peer(self, obj: ObjectId, index: int) -> tuple[str, bytes]:
         """A piece this node owns, with the digest it had when it was read from object

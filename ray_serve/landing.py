@@ -127,11 +127,17 @@ class LandedFile:
                 fcntl.fcntl(self._fd, fcntl.F_OFD_SETLK,
                             struct.pack(_FLOCK, fcntl.F_UNLCK, os.SEEK_SET, start, length, 0))
 
-    def read(self, index: int) -> bytes:
+    def read(self, index: int):
+        """Piece `index` as a uint8 numpy array (one copy out of the page cache): Ray puts
+        an array into its object store as a raw buffer, and a reader on another node gets
+        it back as a view of its own store, where bytes would be pickled and unpickled."""
+        import numpy as np
+
         start, length = self.piece_span(index)
-        data = os.pread(self._fd, length, start)
-        if len(data) != length:
-            raise IntegrityError(f"{self.path}: piece {index} is short ({len(data)} of "
+        data = np.empty(length, dtype=np.uint8)
+        got = os.preadv(self._fd, [data], start) if length else 0
+        if got != length:
+            raise IntegrityError(f"{self.path}: piece {index} is short ({got} of "
                                  f"{length} bytes)")
         return data
 

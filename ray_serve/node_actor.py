@@ -82,13 +82,23 @@ def bytes_metric():
 
 def peer_fetch(settings: SharingConfig):
     """A `Gateway`'s `peer_fetch`: asks the owner node's gateway for a piece through Ray
-    (starting that gateway if it is not up), waiting at most `peer_timeout`."""
+    (starting that gateway if it is not up), waiting at most `peer_timeout`. The handle of
+    each peer's gateway is looked up once (not per piece: a GCS round trip each), and again
+    after a call to it failed."""
+    handles: dict[str, object] = {}
+
     def fetch(node: str, obj: ObjectId, index: int) -> tuple[str, bytes]:
         import ray
 
-        handle = ensure_gateway(node, settings)
+        handle = handles.get(node)
+        if handle is None:
+            handle = handles[node] = ensure_gateway(node, settings)
         ref = handle.piece.remote(obj.bucket, obj.key, obj.size, obj.etag, index)
-        return ray.get(ref, timeout=settings.peer_timeout)
+        try:
+            return ray.get(ref, timeout=settings.peer_timeout)
+        except BaseException:
+            handles.pop(node, None)
+            raise
 
     return fetch
 

@@ -28,7 +28,7 @@ import errno
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, Iterable
 
 from warmstart.errors import SourceError, WarmstartError
 from warmstart.ray_serve.gateway import Gateway, Prepared
@@ -46,14 +46,20 @@ class ReadyWaiter:
     """Which pieces of the landed files are on the node; asks the gateway for the others
     (one outstanding call per missing piece, shared by all reads that need it)."""
 
-    def __init__(self, ask: Ask, prepared: Prepared) -> None:
+    def __init__(self, ask: Ask, prepared: Prepared,
+                 landed_now: Callable[[str], Iterable[int]] | None = None) -> None:
         self._ask = ask
+        self._landed_now = landed_now  # what has landed since `prepared`, without waiting
         self._files = {path: (size, count, set(ready))
                        for path, (size, count, ready) in prepared.files.items()}
         self._pending: dict[tuple[str, int], asyncio.Future] = {}
+        self.waits = 0  # reads that found a piece under them not landed yet
+        self.wait_seconds = 0.0  # summed over those reads (they overlap)
 
     def incomplete(self, path: str) -> bool:
         info = self._files.get(path)
+        if info is not None and self._landed_now is not None:
+            info[2].update(self._landed_now(path))
         return info is not None and len(info[2]) < info[1]
 
     async def wait(self, path: str, offset: int, length: int) -> None:
@@ -62,19 +68,30 @@ class ReadyWaiter:
             return
         piece_size, count, ready = info
         last = min(count - 1, (offset + length - 1) // piece_size)
-        for index in range(offset // piece_size, last + 1):
-            if index in ready:
-                continue
-            key = (path, index)
-            fut = self._pending.get(key)
-            if fut is None:
-                fut = self._pending[key] = asyncio.ensure_future(self._ask(path, index))
-            try:
-                landed = await asyncio.shield(fut)
-            finally:
-                if fut.done():
-                    self._pending.pop(key, None)
-            ready.update(landed)
+        started = None
+        try:
+            for index in range(offset // piece_size, last + 1):
+                if index in ready:
+                    continue
+                if started is None:
+                    started = time.perf_counter()
+                await self._wait_piece(path, index, ready)
+        finally:
+            if started is not None:
+                self.waits += 1
+                self.wait_seconds += time.perf_counter() - started
+
+    async def _wait_piece(self, path: str, index: int, ready: set[int]) -> None:
+        key = (path, index)
+        fut = self._pending.get(key)
+        if fut is None:
+            fut = self._pending[key] = asyncio.ensure_future(self._ask(path, index))
+        try:
+            landed = await asyncio.shield(fut)
+        finally:
+            if fut.done():
+                self._pending.pop(key, None)
+        ready.update(landed)
 
 
 def ray_ask(gateway) -> Ask:
@@ -129,16 +146,20 @@ class PieceGate(Source):
         await self._file.close()
 
 
-def gate_for(gateway, prepared: Prepared, ask: Ask | None = None):
+def gate_for(gateway, prepared: Prepared, ask: Ask | None = None,
+             landed_now: Callable[[str], Iterable[int]] | None = None):
     """The loader's `wrap_source` for a prepared checkpoint, or None when it is all landed;
-    reads wait through the gateway actor `gateway`, or through `ask`."""
+    reads wait through the gateway actor `gateway`, or through `ask`. With `landed_now`, a
+    file found complete when the loader opens it is not gated: the loader may map it (no
+    copy), as on a warm node."""
     if prepared.complete:
         return None
-    waiter = ReadyWaiter(ask or ray_ask(gateway), prepared)
+    waiter = ReadyWaiter(ask or ray_ask(gateway), prepared, landed_now)
 
     def wrap(source: Source) -> Source:
         return PieceGate(source, waiter) if waiter.incomplete(source.name) else source
 
+    wrap.waiter = waiter  # its wait counters
     return wrap
 
 
@@ -153,26 +174,47 @@ class NodeLanding:
     `prepared()` is the local copy to load, `gate(prepared)` the loader's `wrap_source`,
     `close()` ends this process's part once the load is done."""
 
-    def __init__(self, uri: str, sharing: SharingConfig) -> None:
+    def __init__(self, uri: str, sharing: SharingConfig,
+                 mark: Callable[[str], None] | None = None) -> None:
         import ray
 
         from warmstart.ray_serve.node_actor import (
             bytes_metric, ensure_gateway, gateway_running, participant_nodes, peer_fetch)
 
+        mark = mark or (lambda hop: None)
+        self.waiter: ReadyWaiter | None = None
         self.uri, self.sharing = uri, sharing
         self.node_id = ray.get_runtime_context().get_node_id()
         self.local = not gateway_running(self.node_id)  # cold node: land here meanwhile
+        mark("gateway_looked_up")
         self.gateway, self._ref, self.lander = None, None, None
         nodes = participant_nodes(sharing.node_resource) if sharing.mode == "cluster" else ()
+        mark("nodes_listed")
         if not self.local or len(set(nodes) - {self.node_id}):  # needed now: peers ask it
             self.gateway = ensure_gateway(self.node_id, sharing)
-            self._ref = self.gateway.prepare.remote(uri)
+            if not self.local:
+                self._ref = self.gateway.prepare.remote(uri)
+            # on a cold node the gateway only answers peers while this replica lands (a
+            # second lander of the whole checkpoint in its process would only compete for
+            # the claims and the CPU); it is handed the node copy after the load (`close`)
+            mark("gateway_asked")
         if self.local:
             self.lander = Gateway(sharing, self.node_id,
                                   nodes=lambda: participant_nodes(sharing.node_resource),
-                                  peer_fetch=peer_fetch(sharing), on_bytes=bytes_metric())
+                                  peer_fetch=peer_fetch(sharing), on_bytes=bytes_metric(),
+                                  mark=mark)
             self._threads = ThreadPoolExecutor(LOCAL_WAITS, thread_name_prefix="warmstart-wait")
             self._local = self._threads.submit(self.lander.prepare, uri, False)
+            # the S3 client (botocore's import and service model), the listing and the small
+            # objects are Python work that holds the GIL, as the replica's torch import
+            # does next: side by side each took twice as long and the first GET waited for
+            # both. Done first (~0.5 s), the pieces then flow while torch imports
+            try:
+                self._local.result()
+            except BaseException:
+                self.lander.close()
+                self._threads.shutdown(wait=False, cancel_futures=True)
+                raise
 
     def prepared(self) -> Prepared:
         if self.lander is not None:
@@ -195,9 +237,13 @@ class NodeLanding:
         raise AssertionError("unreachable")
 
     def gate(self, prepared: Prepared):
-        if self.lander is None:
-            return gate_for(self.gateway, prepared)
-        return gate_for(None, prepared, local_ask(self.lander, self._threads))
+        if self.lander is not None:
+            wrap = gate_for(None, prepared, local_ask(self.lander, self._threads),
+                            self.lander.ready_now)
+        else:
+            wrap = gate_for(self.gateway, prepared)
+        self.waiter = getattr(wrap, "waiter", None)
+        return wrap
 
     def wait_all(self, prepared: Prepared) -> None:
         """Waits until every piece of the checkpoint is on the node."""

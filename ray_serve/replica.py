@@ -28,6 +28,18 @@ if TYPE_CHECKING:
 log = logging.getLogger("ray.serve.warmstart")
 PROGRESS_STEPS = 10  # log lines per load
 _landed: dict[str, float] = {}  # counters of the landings this process did itself
+_timings: dict[str, float] = {}  # the last load's steps (see last_load_timings)
+
+
+def last_load_timings() -> dict[str, float]:
+    """Where this process's last `load_in_replica` spent its time: seconds from its start to
+    each step (`gateway_looked_up`, `nodes_listed`, `gateway_asked`, `s3_client`, `listed`,
+    `small_landed`, `first_piece_landed` when it landed for itself, `loader_imported`,
+    `prepared`, `first_bytes`, `loaded`, `closed`), and totals over the load (`gate_waits`,
+    `gate_wait_seconds`: the loader's reads that waited for a piece; and the lander's
+    `s3_seconds`, `hash_seconds`, `peer_seconds`, `write_seconds`, `claim_wait_seconds`).
+    Empty before the first load."""
+    return dict(_timings)
 
 
 def landing_stats() -> dict[str, float]:
@@ -63,29 +75,46 @@ def load_in_replica(uri: str, device: str = "cpu", *, names: Iterable[str] | Non
     if config is not None and config.s3_endpoint_url and sharing.s3_endpoint_url is None:
         sharing = sharing.replace(s3_endpoint_url=config.s3_endpoint_url)
     started = time.perf_counter()
+    _timings.clear()
+
+    def mark(hop: str) -> None:  # the first time each step is reached
+        _timings.setdefault(hop, round(time.perf_counter() - started, 4))
+
     shared = sharing.mode != "off" and uri.startswith("s3://")
     landing = None
     if shared:  # the landing starts now, while this process imports the loader (and torch)
         from warmstart.ray_serve.node_read import NodeLanding
 
-        landing = NodeLanding(uri, sharing)
+        mark("landing_imported")
+        landing = NodeLanding(uri, sharing, mark)
     try:
-        return _load(uri, device, names, dtype, config, sharing, landing, started)
+        return _load(uri, device, names, dtype, config, sharing, landing, started, mark)
     finally:
         if landing is not None:
             landing.close()
-            for key, value in landing.stats().items():
+            mark("closed")
+            stats = landing.stats()
+            for key, value in stats.items():
                 _landed[key] = _landed.get(key, 0) + value
+            for key in ("s3_seconds", "hash_seconds", "peer_seconds", "write_seconds",
+                        "claim_wait_seconds", "s3_bytes", "peer_bytes", "peer_failures"):
+                if key in stats:
+                    _timings[key] = round(stats[key], 4)
+            if landing.waiter is not None:
+                _timings["gate_waits"] = landing.waiter.waits
+                _timings["gate_wait_seconds"] = round(landing.waiter.wait_seconds, 4)
 
 
-def _load(uri, device, names, dtype, config, sharing, landing, started) -> dict:
+def _load(uri, device, names, dtype, config, sharing, landing, started, mark) -> dict:
     from warmstart.loader import load
     from warmstart.loader.config import LoaderConfig
 
+    mark("loader_imported")
     cfg = config if config is not None else LoaderConfig.from_env()
     read_uri, wrap, answered = uri, None, 0.0
     if landing is not None:
         prepared = landing.prepared()
+        mark("prepared")
         answered = time.perf_counter() - started
         read_uri, wrap = prepared.path, landing.gate(prepared)
         if wrap is not None:  # pieces arrive in the page cache: no O_DIRECT for them
@@ -100,6 +129,8 @@ def _load(uri, device, names, dtype, config, sharing, landing, started) -> dict:
     state = {"step": 0, "last": 0}
 
     def progress(done: int, total: int) -> None:
+        if done:
+            mark("first_bytes")
         if done > state["last"]:  # Ray counters reject increments of 0
             bytes_counter.inc(done - state["last"], tags)
             state["last"] = done
@@ -113,6 +144,7 @@ def _load(uri, device, names, dtype, config, sharing, landing, started) -> dict:
     tensors = load(read_uri, device, names=names, dtype=dtype, config=cfg, progress=progress,
                    wrap_source=wrap)
     seconds = time.perf_counter() - started
+    mark("loaded")
     seconds_gauge.set(seconds, tags)
     progress_gauge.set(1.0, tags)
     log.info("warmstart: loaded %d tensors (%.1f MB) from %s in %.2fs", len(tensors),

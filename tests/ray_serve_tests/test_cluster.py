@@ -38,7 +38,7 @@ class Replica:
 
         from warmstart.ray_serve import load_in_replica
         from warmstart.ray_serve.node_actor import ensure_gateway, SharingConfig
-        from warmstart.ray_serve.replica import landing_stats
+        from warmstart.ray_serve.replica import landing_stats, last_load_timings
 
         tensors = load_in_replica(URI, "cpu", sharing=sharing)
         node = ray_.get_runtime_context().get_node_id()
@@ -46,7 +46,8 @@ class Replica:
         if sharing.get("mode", "cluster") != "off":
             # the node's fetches: this replica's own landing (a cold node) plus the gateway's
             gw = ensure_gateway(node, SharingConfig.from_mapping(sharing))
-            stats = {"gateway": ray_.get(gw.stats.remote()), "replica": landing_stats()}
+            stats = {"gateway": ray_.get(gw.stats.remote()), "replica": landing_stats(),
+                     "timings": last_load_timings()}
             for key, value in stats["gateway"].items():
                 numeric = isinstance(value, (int, float))
                 stats[key] = value + stats["replica"].get(key, 0) if numeric else value

@@ -56,6 +56,10 @@ def test_a_warm_node_reads_its_node_copy_and_no_one_else_can(cluster, s3_checkpo
     assert digest == want and first["s3_bytes"] >= size  # the cold node fetched it all
     # ... by the replica itself: the gateway, started after its load, fetched nothing
     assert first["replica"]["s3_bytes"] >= size and first["gateway"]["s3_bytes"] == 0, first
+    steps = first["timings"]  # where the cold load went, step by step, in order
+    hops = ["listed", "small_landed", "prepared", "loaded", "closed"]
+    assert [steps[h] for h in hops] == sorted(steps[h] for h in hops), steps
+    assert steps["s3_bytes"] >= size and steps["hash_seconds"] > 0, steps
     gw = ensure_gateway(nodes[0].node_id, SharingConfig.from_mapping(sharing))
     deadline = time.monotonic() + 120
     while ray.get(gw.stats.remote())["cache_bytes"] < size:  # the replica's handover
@@ -68,6 +72,7 @@ def test_a_warm_node_reads_its_node_copy_and_no_one_else_can(cluster, s3_checkpo
     assert _s3_bytes(proxy) == 0 and not second["replica"]  # the gateway answered, complete
     assert second["gateway"]["s3_bytes"] == 0  # nothing fetched
     assert second["gateway"]["rechecked_bytes"] == 0  # handed over with digests: not hashed
+    assert "listed" not in second["timings"] and "prepared" in second["timings"]  # no lander
     assert cold <= 1.05 * size
     prepared = ray.get(gw.prepare.remote(URI))
     assert prepared.complete

@@ -62,7 +62,7 @@ def test_landing_area_is_private_to_the_user(tmp_path):
     assert os.stat(f.path).st_mode & 0o777 == 0o600
     assert os.stat(f.ready_path).st_mode & 0o777 == 0o600
     assert os.path.getsize(f.path) == 10_000  # full size at once, filled in place
-    assert f.recorded() == {1: sha256(b"b" * 4096)} and f.read(1) == b"b" * 4096
+    assert f.recorded() == {1: sha256(b"b" * 4096)} and bytes(f.read(1)) == b"b" * 4096
     os.chmod(root, 0o755)  # widened later: closed again
     private_dir(root)
     assert os.stat(root).st_mode & 0o777 == 0o700
