@@ -214,9 +214,11 @@ def one_run(mode: str, args, proxy, uri: str, s3, s3_env: dict, driver_site: str
                             'mount_program = "/usr/bin/fuse-overlayfs"\n')
             env["CONTAINERS_STORAGE_CONF"] = conf
         else:
+            # INFO: the top mount's log ends with its counters (mount_stats below)
             store = subprocess.Popen([*CLI, "layer-store", layers, "--cache",
                                       os.path.join(base, "cache"), "--plain-http",
-                                      "--map-user", user], stderr=subprocess.DEVNULL)
+                                      "--map-user", user], stderr=subprocess.DEVNULL,
+                                     env=dict(os.environ, WARMSTART_LOG="INFO"))
             deadline = time.monotonic() + 60
             while not os.path.ismount(layers):
                 if store.poll() is not None or time.monotonic() > deadline:
@@ -250,7 +252,7 @@ def one_run(mode: str, args, proxy, uri: str, s3, s3_env: dict, driver_site: str
         if out.returncode != 0 or not lines:
             raise RuntimeError(f"{mode}: no answer: {out.stdout[-2000:]} {out.stderr[-4000:]}")
         got = json.loads(lines[0][len("RESULT "):])
-        return {"mode": mode, "seconds": got["seconds"], "until_init": got["until_init"],
+        sample = {"mode": mode, "seconds": got["seconds"], "until_init": got["until_init"],
                 "init": got["init"], "tensors": got["tensors"], "weight_bytes": got["bytes"],
                 "s3_bytes": read, "registry_bytes": proxy.bucket.bytes,
                 **image_steps(ray_tmp)}
@@ -260,7 +262,21 @@ def one_run(mode: str, args, proxy, uri: str, s3, s3_env: dict, driver_site: str
         if store is not None:
             store.terminate()
             store.wait(timeout=60)
+        mount = mount_stats(base)
         shutil.rmtree(base, ignore_errors=True)
+    return {**sample, "mount": mount}
+
+
+def mount_stats(base: str) -> dict | None:
+    """The counters the layer store's top mount logs when it ends (FUSE read requests that
+    reached it, bytes served, chunk cache hits/misses/bytes fetched), or None."""
+    import glob
+    for path in glob.glob(os.path.join(base, "cache-mounts", "*.log")):
+        with open(path, errors="replace") as f:
+            ends = [ln.split("mount ended: ", 1)[1] for ln in f if "mount ended: " in ln]
+        if ends:
+            return json.loads(ends[-1])
+    return None
 
 
 def keep_logs(base: str, dest: str) -> None:

@@ -45,6 +45,8 @@ class ImageFS(pyfuse3.Operations):
         self.recorded: list[str] | None = [] if record else None
         self._seen: set[str] = set()
         self.bytes_read = 0
+        self.read_calls = 0  # FUSE read requests that reached this process
+        self.count_lock = threading.Lock()
         by_path = {e.path: i + 1 for i, e in enumerate(entries)}
         self.entries: dict[int, Entry] = {}
         self.children: dict[int, list[tuple[bytes, int]]] = {}
@@ -184,7 +186,9 @@ class ImageFS(pyfuse3.Operations):
             out.append(data[lo:hi])
             i += 1
         result = b"".join(out)
-        self.bytes_read += len(result)
+        with self.count_lock:
+            self.read_calls += 1
+            self.bytes_read += len(result)
         return result
 
     def note(self, digest: str) -> None:

@@ -166,6 +166,32 @@ def test_python_starts_from_a_lazy_mount(image_store, tmp_path):
         assert json.loads(r.stdout) == {"py": [3, 11]}
 
 
+def mount_counters(tmp_path) -> dict:
+    """The counters a mount logs when it ends (`mount ended: {...}`, at INFO)."""
+    ends = [ln.split("mount ended: ", 1)[1] for ln in
+            (tmp_path / "mount.log").read_text().splitlines() if "mount ended: " in ln]
+    assert ends, (tmp_path / "mount.log").read_text()[-2000:]
+    return json.loads(ends[-1])
+
+
+def test_a_second_reader_is_served_from_the_kernel_cache(image_store, py_rootfs, tmp_path):
+    """keep_cache: a file read by one process and then by another reaches the mount once;
+    the first read fetched and verified each chunk once (misses), the second costs nothing."""
+    path = "data/random.bin"
+    size = os.path.getsize(f"{py_rootfs}/{path}")
+    with open(f"{py_rootfs}/{path}", "rb") as f:
+        want = f.read()
+    env = dict(os.environ, WARMSTART_LOG="INFO")
+    with mounted(image_store, "v1", tmp_path, env=env) as (mnt, _):
+        for _ in range(2):  # two processes, one after the other
+            r = subprocess.run(["cat", f"{mnt}/{path}"], capture_output=True, check=True)
+            assert r.stdout == want
+    stats = mount_counters(tmp_path)
+    assert stats["bytes_read"] == size  # once, not twice
+    assert stats["misses"] >= 1 and stats["fetched_bytes"] >= size  # fetched and verified
+    assert stats["read_calls"] >= 1
+
+
 @needs_root
 def test_record_then_prefetch_in_recorded_order(py_rootfs, tmp_path):
     store = str(tmp_path / "store")
