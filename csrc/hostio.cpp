@@ -87,4 +87,12 @@ double cached_fraction(int fd, uint64_t size, uint64_t max_pages) {
   return result;
 }
 
+uint64_t touch_pages(const void* addr, uint64_t length, uint64_t page) {
+  if (length == 0 || page == 0) return 0;
+  const volatile unsigned char* p = static_cast<const volatile unsigned char*>(addr);
+  uint64_t sum = 0;
+  for (uint64_t at = 0; at < length; at += page) sum += p[at];
+  return sum + p[length - 1];
+}
+
 }  // namespace warmstart

@@ -26,4 +26,8 @@ namespace warmstart {
 // Fraction (0..1) of the file's pages that are in the page cache (mmap + mincore), sampled
 // over at most `max_pages` evenly spread pages; -errno on failure.
 double cached_fraction(int fd, uint64_t size, uint64_t max_pages);
+
+// Reads one byte of every `page` bytes of [addr, addr + length) (the last byte too): the
+// first CPU access to pages that are already resident. Returns the bytes' sum.
+uint64_t touch_pages(const void* addr, uint64_t length, uint64_t page);
 }  // namespace warmstart

@@ -43,6 +43,14 @@ PyObject* py_memcpy(PyObject*, PyObject* args) {
   Py_END_ALLOW_THREADS Py_RETURN_NONE;
 }
 
+PyObject* py_touch_pages(PyObject*, PyObject* args) {
+  unsigned long long addr, length, page;
+  if (!PyArg_ParseTuple(args, "KKK", &addr, &length, &page)) return nullptr;
+  uint64_t sum;
+  Py_BEGIN_ALLOW_THREADS sum = touch_pages(as_ptr(addr), length, page);
+  Py_END_ALLOW_THREADS return PyLong_FromUnsignedLongLong(sum);
+}
+
 PyObject* py_host_alloc(PyObject*, PyObject* args) {
   unsigned long long nbytes;
   int pinned, device = 0;
@@ -223,6 +231,8 @@ PyMethodDef methods[] = {
     {"pread_into", py_pread_into, METH_VARARGS,
      "pread_into(fd, offset, addr, length) -> bytes read (short at EOF) or -errno"},
     {"memcpy", py_memcpy, METH_VARARGS, "memcpy(dst_addr, src_addr, n)"},
+    {"touch_pages", py_touch_pages, METH_VARARGS,
+     "touch_pages(addr, length, page) -> sum of one byte per page (GIL released)"},
     {"cached_fraction", py_cached_fraction, METH_VARARGS,
      "cached_fraction(fd, size, max_pages) -> share of sampled pages in the page cache"},
     {"host_alloc", py_host_alloc, METH_VARARGS,

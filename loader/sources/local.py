@@ -110,6 +110,7 @@ _libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
 _libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
 _MAP_FAILED = ctypes.c_void_p(-1).value
 MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux 5.14+
+POPULATE_STEP = 16 << 20  # made resident, then touched, per step (a multiple of the page)
 
 
 class FileMapping:
@@ -135,9 +136,22 @@ class FileMapping:
     def populate(self, start: int = 0, length: int | None = None) -> None:
         """Makes mapped bytes [start, start + length) resident (all by default; `start` a
         multiple of the page size), reading from disk what is not cached, with the GIL
-        released; a file cut short meanwhile is a TruncatedFile, never a SIGBUS."""
+        released, and reads one byte per page; a file cut short before its bytes were made
+        resident is a TruncatedFile, not a SIGBUS (one cut in the instant between a step's
+        populate and its touch faults as any mapping does once handed over)."""
         if length is None:
             length = len(self.buffer) - start
+        # In steps, each made resident and then read one byte per page on this thread: on
+        # these VMs the first CPU access to a page the virtual disk filled costs about as much
+        # as reading it (0.5-1.1 s per GB, host-side faults), and paid here it overlaps the
+        # other threads' reads instead of falling on the consumer, one page at a time, after
+        # the load returned (benchmarks/RESULTS.md, 2026-12-01 23:15 UTC).
+        for at in range(start, start + length, POPULATE_STEP):
+            self._populate(at, min(POPULATE_STEP, start + length - at))
+            _native.touch_pages(self.addr + at, min(POPULATE_STEP, start + length - at),
+                                mmap.PAGESIZE)
+
+    def _populate(self, start: int, length: int) -> None:
         if length <= 0:
             return
         if _libc.madvise(self.addr + start, length, MADV_POPULATE_READ) == 0:
