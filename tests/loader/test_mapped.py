@@ -84,3 +84,31 @@ def test_a_file_that_shrank_is_a_named_error(shard):
         f.truncate(4096)
     with pytest.raises(TruncatedFile, match="m.safetensors"):
         mapping.populate()
+
+
+def test_touch_pages_reads_one_byte_per_page_and_the_last():
+    import ctypes
+
+    from warmstart import _native
+    buf = (ctypes.c_ubyte * 10_000)()
+    for at, value in ((0, 1), (4095, 50), (4096, 2), (8192, 4), (9999, 8)):
+        buf[at] = value
+    assert _native.touch_pages(ctypes.addressof(buf), 10_000, 4096) == 1 + 2 + 4 + 8
+    assert _native.touch_pages(ctypes.addressof(buf), 0, 4096) == 0
+
+
+def test_populate_in_steps_makes_every_part_resident_once(shard, monkeypatch):
+    import warmstart.loader.sources.local as local
+    path, _ = shard
+    size = path.stat().st_size
+    monkeypatch.setattr(local, "POPULATE_STEP", 8192)
+    steps = []
+    real = local.FileMapping._populate
+    monkeypatch.setattr(local.FileMapping, "_populate",
+                        lambda self, s, n: (steps.append((s, n)), real(self, s, n)))
+    with open(path, "rb") as f:
+        mapping = FileMapping(str(path), f.fileno(), 0, size)
+    mapping.populate()
+    assert steps[0][0] == 0 and sum(n for _, n in steps) == len(mapping.buffer)
+    assert all(a + n == b for (a, n), (b, _) in zip(steps, steps[1:]))
+    assert all(n <= 8192 for _, n in steps)
