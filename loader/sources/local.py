@@ -147,19 +147,17 @@ class FileMapping:
         # other threads' reads instead of falling on the consumer, one page at a time, after
         # the load returned (benchmarks/RESULTS.md, 2026-12-01 23:15 UTC).
         for at in range(start, start + length, POPULATE_STEP):
-            self._populate(at, min(POPULATE_STEP, start + length - at))
-            _native.touch_pages(self.addr + at, min(POPULATE_STEP, start + length - at),
-                                mmap.PAGESIZE)
+            step = min(POPULATE_STEP, start + length - at)
+            self._populate(at, step)
+            _native.touch_pages(self.addr + at, step, mmap.PAGESIZE)
 
     def _populate(self, start: int, length: int) -> None:
-        if length <= 0:
-            return
         if _libc.madvise(self.addr + start, length, MADV_POPULATE_READ) == 0:
             return
         code = ctypes.get_errno()
-        if code == errno.EINVAL:  # an older kernel: touch one byte per page instead
-            sum(memoryview(self.buffer).cast("B")[start:start + length:mmap.PAGESIZE])
-        elif code == errno.EFAULT:
+        if code == errno.EINVAL:  # an older kernel: the touch that follows reads the pages in
+            return
+        if code == errno.EFAULT:
             raise TruncatedFile(f"{self.name}: the file shrank below {self.end} bytes while "
                                 f"it was being loaded")
         else:
