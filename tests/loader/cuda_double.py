@@ -175,15 +175,17 @@ class DoubleMemory:
             self._local.stream = old
 
 
-async def cancel_while_copies_are_held(dbl, task: asyncio.Task, times: int) -> None:
-    """Cancels the load `task` `times` times while the double holds its copies back (the
-    later cancels land while it waits for them): it must not end while a copy still reads
-    its ring. Then lets the copies run and expects the load to end cancelled."""
+async def cancel_while_copies_are_held(
+        dbl, task: asyncio.Task, times: int,
+        message: str = "the load ended while a copy still read its ring") -> None:
+    """Cancels `task` (a load or a copy) `times` times while the double holds its copies
+    back (the later cancels land while it waits for them): it must not end while a copy
+    still reads its ring. Then lets the copies run and expects the task to end cancelled."""
     for _ in range(times):
         task.cancel()
         for _ in range(20):
             await asyncio.sleep(0)
-        assert not task.done(), "the load ended while a copy still read its ring"
+        assert not task.done(), message
     dbl.pause_copies(False)
     with pytest.raises(asyncio.CancelledError):
         await task

@@ -252,14 +252,9 @@ def test_a_copy_cancelled_again_and_again_returns_only_once_dma_is_done(dbl):
         task = asyncio.ensure_future(engine.copy(dst.data_ptr(), src.data_ptr(), src.numel()))
         while dbl.stat("enqueued") == 0:
             await asyncio.sleep(0.001)
-        for _ in range(4):  # each one lands on whatever the copy waits for next
-            task.cancel()
-            for _ in range(20):
-                await asyncio.sleep(0)
-            assert not task.done(), "copy() returned while its copy was still pending"
-        dbl.pause_copies(False)
-        with pytest.raises(asyncio.CancelledError):
-            await task
+        # each cancel lands on whatever the copy waits for next
+        await cancel_while_copies_are_held(
+            dbl, task, 4, "copy() returned while its copy was still pending")
         assert dbl.stat("done") == 1
         await engine.aclose()
 
