@@ -306,6 +306,13 @@ class Gateway:
             self._changed.notify_all()
         self._mark_hop("first_piece_landed")
 
+    def _digest(self, data) -> str:
+        """`sha256(data)`, its time counted in `hash_seconds`."""
+        started = time.perf_counter()
+        digest = sha256(data)
+        self._count("hash_seconds", time.perf_counter() - started)
+        return digest
+
     def _adopt(self, entry: _Object, index: int) -> str | None:
         """Takes over the pieces other processes of the node recorded since this one last
         looked (each was landed under its claim while this one was up, so it is trusted as
@@ -336,9 +343,7 @@ class Gateway:
                     with entry.file.span(index) as view:
                         if length:
                             self._get_into(entry.obj, start, view)
-                        hashing = time.perf_counter()
-                        digest = sha256(view)
-                        self._count("hash_seconds", time.perf_counter() - hashing)
+                        digest = self._digest(view)
                     self._mark(entry, index, digest)
             result = (digest, None)  # the bytes are in the file
         except BaseException as exc:
@@ -365,10 +370,7 @@ class Gateway:
                         type(exc).__name__, str(exc)[:200])
             return None
         self._count("peer_seconds", time.perf_counter() - started)
-        hashing = time.perf_counter()
-        matches = sha256(data) == digest
-        self._count("hash_seconds", time.perf_counter() - hashing)
-        if not matches:
+        if self._digest(data) != digest:
             self._count("digest_mismatches")
             log.warning("warmstart gateway: %s does not match its digest %s; reading it "
                         "from object storage", what, digest[:16])
