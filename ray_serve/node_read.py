@@ -204,13 +204,12 @@ class NodeLanding:
                                   peer_fetch=peer_fetch(sharing), on_bytes=bytes_metric(),
                                   mark=mark)
             self._threads = ThreadPoolExecutor(LOCAL_WAITS, thread_name_prefix="warmstart-wait")
-            self._local = self._threads.submit(self.lander.prepare, uri, False)
             # the S3 client (botocore's import and service model), the listing and the small
             # objects are Python work that holds the GIL, as the replica's torch import
             # does next: side by side each took twice as long and the first GET waited for
             # both. Done first (~0.5 s), the pieces then flow while torch imports
             try:
-                self._local.result()
+                self._prepared = self.lander.prepare(uri, False)
             except BaseException:
                 self.lander.close()
                 self._threads.shutdown(wait=False, cancel_futures=True)
@@ -218,7 +217,7 @@ class NodeLanding:
 
     def prepared(self) -> Prepared:
         if self.lander is not None:
-            return self._local.result()
+            return self._prepared
         import ray
 
         for attempt in range(2):
