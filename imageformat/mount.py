@@ -133,7 +133,8 @@ def serve(store: ImageStore, ref: str, mountpoint: str, opts: MountOptions) -> d
         profile = Profile(image.toc_digest, tuple(fs.recorded or ()))
         with open(opts.record_path, "wb") as f:
             f.write(encode_profile(profile))
-    stats = {"read_calls": fs.read_calls, "bytes_read": fs.bytes_read, "fetched_bytes": cache.stats.fetched_bytes,
+    stats = {"read_calls": fs.read_calls, "bytes_read": fs.bytes_read,
+             "fetched_bytes": cache.stats.fetched_bytes,
              "hits": cache.stats.hits, "misses": cache.stats.misses,
              "waits": cache.stats.waits, "evicted": cache.stats.evicted}
     log.info("mount ended: %s", json.dumps(stats))
